@@ -4,7 +4,17 @@ This package imports neither trio nor socket; ``broker`` and the clients
 drive it. See ``docs/protocol.md`` for the specification.
 """
 
-from protocol.codec import Decoder, Peer, decode_message, encode, encode_batch, from_wire, to_wire
+from protocol.codec import (
+    Decoder,
+    Peer,
+    data_problem,
+    decode_message,
+    encode,
+    encode_batch,
+    encode_event,
+    from_wire,
+    to_wire,
+)
 from protocol.codes import Code
 from protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from protocol.frames import (
@@ -29,6 +39,7 @@ __all__ = [
     "CLIENT_LIMITS", "SERVER_LIMITS", "Bye", "ClientFrame", "Code", "Decoder", "Err", "Ev",
     "Frame", "Hello", "Limits", "LocalProtocolError", "Ok", "Opcode", "Peer", "Ping",
     "Position", "ProtocolError", "Pub", "RemoteProtocolError", "ServerFrame", "Sub", "Unsub",
-    "channel_problem", "decode_message", "encode", "encode_batch", "event_problem",
+    "channel_problem", "data_problem", "decode_message", "encode", "encode_batch", "encode_event",
+    "event_problem",
     "from_wire", "to_wire", "ws_close_frame", "ws_frame",
 ]

@@ -22,9 +22,11 @@ from protocol import (
     RemoteProtocolError,
     Sub,
     Unsub,
+    data_problem,
     decode_message,
     encode,
     encode_batch,
+    encode_event,
 )
 
 CLIENT_FRAMES = [
@@ -237,3 +239,16 @@ def test_encoding_an_unencodable_value_is_a_local_error() -> None:
 def test_limits_are_validated() -> None:
     with pytest.raises(ValueError, match="max_frame_size must be a positive integer"):
         Limits(max_frame_size=0)
+
+
+def test_encode_event_matches_encode() -> None:
+    frame = Ev(ch="ai-chat/1", ev="ai:token", d={"token": "hi", "n": [1, b"\x00"]}, o=2**40)
+    assert encode_event(frame.ch, frame.ev, frame.d, frame.o) == encode(frame)
+    with pytest.raises(LocalProtocolError):
+        encode_event("c", "e", object(), 1)
+
+
+def test_data_problem() -> None:
+    assert data_problem({"token": "x", "n": [1, 2.5, None, True, b""]}) is None
+    assert data_problem({1: 2}) == "map keys in d must be strings"
+    assert data_problem(object()) == "d holds an unsupported msgpack type (object)"

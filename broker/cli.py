@@ -1,0 +1,183 @@
+"""The ``tokenfan`` command: ``serve``, ``emit`` and ``tail``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from broker.client import ClientError, Event, connect
+from broker.config import ConfigError, load_config
+from broker.server import Broker
+
+DEFAULT_HTTP_URL = "http://127.0.0.1:8765"
+DEFAULT_WS_URL = "ws://127.0.0.1:8765/ws"
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, bytes):
+        return {"$bin": value.hex()}
+    raise TypeError(f"cannot show {type(value).__name__} as JSON")
+
+
+def _http_base(url: str) -> str:
+    """Accept ``http://host:port``, ``ws://host:port/ws`` and friends; return the HTTP base URL."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("http", "https") or not parts.netloc:
+        raise SystemExit(f"tokenfan: --url must look like {DEFAULT_HTTP_URL}, got {url!r}")
+    return f"{scheme}://{parts.netloc}"
+
+
+def _ws_url(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("ws", "wss") or not parts.netloc:
+        raise SystemExit(f"tokenfan: --url must look like {DEFAULT_WS_URL}, got {url!r}")
+    return f"{scheme}://{parts.netloc}{parts.path if parts.path not in ('', '/') else '/ws'}"
+
+
+# -- serve -----------------------------------------------------------------------
+
+
+async def _serve(broker: Broker) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(broker.serve)
+            print(f"tokenfan listening on http://{broker.config.host}:{broker.port}", flush=True)
+            async for _ in signals:
+                print("tokenfan shutting down", file=sys.stderr, flush=True)
+                broker.shutdown()
+                break
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config, overrides={"host": args.host, "port": args.port})
+    except ConfigError as exc:
+        print(f"tokenfan: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        trio.run(_serve, Broker(config))
+    except OSError as exc:
+        print(f"tokenfan: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+# -- emit ------------------------------------------------------------------------
+
+
+def cmd_emit(args: argparse.Namespace) -> int:
+    try:
+        data = json.loads(args.data)
+    except json.JSONDecodeError as exc:
+        print(f"tokenfan: DATA is not valid JSON: {exc}", file=sys.stderr)
+        return 2
+    body = json.dumps({"channel": args.channel, "event": args.event, "data": data}).encode()
+    request = urllib.request.Request(f"{_http_base(args.url)}/api/emit", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as response:
+            print(response.read().decode())
+    except urllib.error.HTTPError as exc:
+        print(f"tokenfan: {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"tokenfan: cannot reach {args.url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# -- tail ------------------------------------------------------------------------
+
+
+def _print_event(event: Event, as_json: bool) -> None:
+    if as_json:
+        frame: dict[str, Any] = {"t": "ev", "ch": event.channel, "ev": event.event, "d": event.data,
+                                 "o": event.offset}
+        if event.first_offset != event.offset:
+            frame["o0"] = event.first_offset
+        print(json.dumps(frame, ensure_ascii=False, default=_json_default), flush=True)
+    elif event.event == "ai:token" and isinstance(event.data, dict) \
+            and isinstance(event.data.get("token"), str):
+        sys.stdout.write(event.data["token"])
+        sys.stdout.flush()
+    elif event.event in ("ai:done", "ai:error"):
+        print(f"\n[{event.event}] {json.dumps(event.data, default=_json_default)}", flush=True)
+    else:
+        print(f"[{event.event}] {json.dumps(event.data, ensure_ascii=False, default=_json_default)}",
+              flush=True)
+
+
+async def _tail(url: str, channel: str, as_json: bool) -> None:
+    async with connect(url) as client:
+        sub = await client.subscribe(channel)
+        print(f"subscribed to {channel} at offset {sub.offset} (epoch {sub.epoch})", file=sys.stderr,
+              flush=True)
+        async for event in sub:
+            _print_event(event, as_json)
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    try:
+        trio.run(_tail, _ws_url(args.url), args.channel, args.json)
+    except KeyboardInterrupt:
+        return 130
+    except ClientError as exc:
+        print(f"\ntokenfan: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"tokenfan: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# -- entry point -------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenfan", description="Stream LLM tokens to many watchers.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the broker")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on; 0 picks a free one (default 8765)")
+    serve.add_argument("--config", help="TOML configuration file")
+    serve.set_defaults(func=cmd_serve)
+
+    emit = commands.add_parser("emit", help="publish one event through the HTTP API")
+    emit.add_argument("--url", default=DEFAULT_HTTP_URL, help=f"broker URL (default {DEFAULT_HTTP_URL})")
+    emit.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
+    emit.add_argument("channel")
+    emit.add_argument("event")
+    emit.add_argument("data", help="event data as JSON, e.g. '{\"token\": \"hi\"}'")
+    emit.set_defaults(func=cmd_emit)
+
+    tail = commands.add_parser("tail", help="print a channel's events as they arrive")
+    tail.add_argument("--url", default=DEFAULT_WS_URL, help=f"broker URL (default {DEFAULT_WS_URL})")
+    tail.add_argument("--json", action="store_true", help="print one JSON frame per line")
+    tail.add_argument("channel")
+    tail.set_defaults(func=cmd_tail)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Broker configuration: defaults, a TOML file, ``TOKENFAN_*`` environment variables, CLI flags.
+
+Later sources override earlier ones in that order. Every value is validated
+when the :class:`Config` is built; a bad one raises :class:`ConfigError` whose
+message names the option, the source it came from and what is wrong.
+``docs/configuration.md`` lists every option; a test checks the two agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from protocol.limits import NAME_PATTERN
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, ill-typed or out of range."""
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+               "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
+_DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def parse_size(value: object, name: str) -> int:
+    """Parse a byte size: an integer, or a string such as ``"64KiB"`` or ``"1 MiB"``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number, unit = float(value), ""
+    elif isinstance(value, str) and (match := re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*",
+                                                           value)):
+        number, unit = float(match.group(1)), match.group(2).lower()
+    else:
+        raise ConfigError(f"{name}: expected a size such as 1048576 or \"1MiB\", got {value!r}")
+    if unit not in _SIZE_UNITS:
+        raise ConfigError(f"{name}: unknown size unit {unit!r} (use B, KiB, MiB, GiB, KB, MB, GB)")
+    return int(number * _SIZE_UNITS[unit])
+
+
+def parse_duration(value: object, name: str) -> float:
+    """Parse a duration in seconds: a number, or a string such as ``"250ms"``, ``"10s"``, ``"1h"``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str) and (match := re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*",
+                                                         value)):
+        unit = match.group(2).lower()
+        if unit in _DURATION_UNITS:
+            return float(match.group(1)) * _DURATION_UNITS[unit]
+    raise ConfigError(f"{name}: expected a duration such as 10, \"250ms\", \"30s\" or \"1h\", "
+                      f"got {value!r}")
+
+
+def _parse_bool(value: object, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}: expected true or false, got {value!r}")
+
+
+def _parse_int(value: object, name: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        return int(value)
+    raise ConfigError(f"{name}: expected an integer, got {value!r}")
+
+
+def _parse_str(value: object, name: str) -> str:
+    if isinstance(value, str):
+        return value
+    raise ConfigError(f"{name}: expected a string, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChannelOptions:
+    """Options for the channels whose names match a pattern (``[channels."ai-chat/*"]``).
+
+    Attributes:
+        client_events: events clients may publish with ``pub`` on these channels;
+            ``("*",)`` allows any event, ``()`` none.
+    """
+
+    client_events: tuple[str, ...] = ()
+
+    def allows_client_event(self, event: str) -> bool:
+        return any(fnmatch.fnmatchcase(event, allowed) for allowed in self.client_events)
+
+
+def _parse_channel_options(pattern: str, raw: object, source: str) -> ChannelOptions:
+    where = f'channels."{pattern}" ({source})'
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a table of options")
+    unknown = set(raw) - {"client_events"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown option(s) {', '.join(sorted(unknown))}")
+    events = raw.get("client_events", [])
+    if not isinstance(events, list) or not all(isinstance(e, str) for e in events):
+        raise ConfigError(f"{where}: client_events must be a list of event names")
+    for event in events:
+        if event != "*" and NAME_PATTERN.fullmatch(event.replace("*", "x")) is None:
+            raise ConfigError(f"{where}: client_events has an invalid event name {event!r}")
+    return ChannelOptions(client_events=tuple(events))
+
+
+#: Channel options of the embedded default: watchers of an AI chat may ask to cancel it.
+DEFAULT_CHANNELS: Mapping[str, ChannelOptions] = {
+    "ai-chat/*": ChannelOptions(client_events=("ai:cancel",)),
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """Everything the broker can be told. See ``docs/configuration.md``."""
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    max_connections: int = 50_000
+    max_subscriptions: int = 256
+    outbox_limit: int = 1024 * 1024
+    max_frame_size: int = 64 * 1024
+    max_body_size: int = 1024 * 1024
+    max_batch_events: int = 1000
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    ping_interval: float = 20.0
+    shutdown_timeout: float = 5.0
+    batching: bool = True
+    channels: Mapping[str, ChannelOptions] = field(default_factory=lambda: dict(DEFAULT_CHANNELS))
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port: must be between 0 and 65535, got {self.port}")
+        if not self.host:
+            raise ConfigError("host: must not be empty")
+        for name in ("max_connections", "max_subscriptions", "max_batch_events"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        for name, low in (("outbox_limit", 4096), ("max_frame_size", 256), ("max_body_size", 256)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name}: must be at least {low} bytes, got {getattr(self, name)}")
+        for name in ("handshake_timeout", "idle_timeout", "ping_interval", "shutdown_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}: must be a positive duration, got {getattr(self, name)}")
+        if self.ping_interval >= self.idle_timeout:
+            raise ConfigError(f"ping_interval ({self.ping_interval}s) must be shorter than "
+                              f"idle_timeout ({self.idle_timeout}s)")
+
+    def channel_options(self, channel: str) -> ChannelOptions:
+        """The options of the first pattern that matches ``channel``, or the defaults."""
+        for pattern, options in self.channels.items():
+            if fnmatch.fnmatchcase(channel, pattern):
+                return options
+        return ChannelOptions()
+
+
+_PARSERS: dict[str, Any] = {
+    "host": _parse_str, "port": _parse_int, "max_connections": _parse_int,
+    "max_subscriptions": _parse_int, "outbox_limit": parse_size, "max_frame_size": parse_size,
+    "max_body_size": parse_size, "max_batch_events": _parse_int,
+    "handshake_timeout": parse_duration, "idle_timeout": parse_duration,
+    "ping_interval": parse_duration, "shutdown_timeout": parse_duration, "batching": _parse_bool,
+}
+ENV_PREFIX = "TOKENFAN_"
+
+
+def _apply(values: dict[str, Any], raw: Mapping[str, object], source: str) -> None:
+    for key, value in raw.items():
+        if key == "channels":
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"channels ({source}): expected a table of channel patterns")
+            channels = dict(values.get("channels", DEFAULT_CHANNELS))
+            for pattern, options in value.items():
+                channels[pattern] = _parse_channel_options(pattern, options, source)
+            values["channels"] = channels
+        elif key in _PARSERS:
+            values[key] = _PARSERS[key](value, f"{key} ({source})")
+        else:
+            raise ConfigError(f"unknown option {key!r} ({source}); "
+                              f"known: {', '.join(sorted([*_PARSERS, 'channels']))}")
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> Config:
+    """Build a :class:`Config` from a TOML file, then ``TOKENFAN_*`` variables, then ``overrides``.
+
+    Raises:
+        ConfigError: the file cannot be read or parsed, or a value is invalid.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        _apply(values, raw, f"file {path}")
+    environ = os.environ if env is None else env
+    for name, value in environ.items():
+        if name.startswith(ENV_PREFIX):
+            key = name[len(ENV_PREFIX):].lower()
+            if key not in _PARSERS:
+                raise ConfigError(f"unknown environment variable {name}; "
+                                  f"known: {', '.join(ENV_PREFIX + k.upper() for k in _PARSERS)}")
+            _apply(values, {key: value}, f"environment {name}")
+    _apply(values, {k: v for k, v in (overrides or {}).items() if v is not None}, "command line")
+    try:
+        return Config(**values)
+    except ConfigError:
+        raise
+    except TypeError as exc:  # pragma: no cover - guarded by _apply
+        raise ConfigError(str(exc)) from None
+
+
+def config_fields() -> list[str]:
+    """Names of every scalar option, in declaration order (for docs and tests)."""
+    return [f.name for f in dataclasses.fields(Config) if f.name != "channels"]

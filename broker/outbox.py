@@ -1,0 +1,195 @@
+"""The per-connection send path: a byte-bounded, ordered outbox with a non-blocking fast path.
+
+Theory of operation
+-------------------
+Every byte a connection sends (handshake reply aside) goes through its
+:class:`Outbox`, so frames never interleave. :meth:`Outbox.offer` is
+synchronous and never waits: when nothing is queued it writes the bytes
+straight to the socket with one non-blocking ``os.write``; whatever the
+kernel does not take (all of it, or the tail of a partial write) is queued,
+and only then is the connection's writer task woken. The writer waits for the
+socket to become writable and sends everything queued in one ``os.writev``,
+which is how pending frames get joined under load.
+
+The queue is bounded in bytes (``limit``). Items are the publication
+``bytes`` objects shared by all subscribers, so a queued byte costs a
+reference, not a copy. When an offer would pass the limit the outbox
+*overflows*: it drops its backlog (keeping the unsent tail of a frame that is
+half on the wire, so the stream stays well-formed), queues the ``bye`` and
+close frames it was given for this case, and wakes the writer, which sends
+them and returns so the connection can end. The publisher never waits for a
+slow reader, and the other subscribers never notice it.
+
+A later issue adds lossless coalescing of queued tokens before overflow; it
+fits in :meth:`Outbox._overflow`, which sees the whole queue.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+# Kernel limit on iovecs per writev; Linux has 1024.
+_IOV_MAX = 1024
+
+
+class OutboxState(enum.Enum):
+    OPEN = "open"  #: accepting offers
+    CLOSING = "closing"  #: final frames queued; accepting nothing more
+    DEAD = "dead"  #: the socket failed or was given up on; nothing more will be written
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutboxStatistics:
+    """A snapshot of one outbox."""
+
+    state: OutboxState
+    bytes_queued: int
+    items_queued: int
+    overflowed: bool
+
+
+class Outbox:
+    """Ordered, byte-bounded send queue of one socket. See the module docstring."""
+
+    __slots__ = ("_fd", "_limit", "_lot", "_overflow_frames", "_queue", "_queued", "_state",
+                 "on_overflow", "overflowed")
+
+    def __init__(self, fd: int, *, limit: int, overflow_frames: bytes = b"",
+                 on_overflow: Callable[[], None] | None = None) -> None:
+        """
+        Args:
+            fd: the connected, non-blocking socket's file descriptor.
+            limit: most bytes that may wait in the queue.
+            overflow_frames: bytes to send when the queue overflows (``bye`` + close frame).
+            on_overflow: called once, synchronously, when the queue overflows.
+        """
+        self._fd = fd
+        self._limit = limit
+        self._overflow_frames = overflow_frames
+        self._queue: deque[bytes | memoryview] = deque()
+        self._queued = 0
+        self._state = OutboxState.OPEN
+        self._lot = trio.lowlevel.ParkingLot()
+        self.overflowed = False
+        self.on_overflow = on_overflow
+
+    @property
+    def state(self) -> OutboxState:
+        return self._state
+
+    def statistics(self) -> OutboxStatistics:
+        return OutboxStatistics(state=self._state, bytes_queued=self._queued,
+                                items_queued=len(self._queue), overflowed=self.overflowed)
+
+    def offer(self, data: bytes) -> bool:
+        """Send ``data`` after everything offered before it, without waiting.
+
+        Returns False if the bytes will not be sent: the outbox is closing or
+        dead, or this offer made it overflow.
+        """
+        if self._state is not OutboxState.OPEN:
+            return False
+        if not self._queue:
+            try:
+                written = os.write(self._fd, data)
+            except BlockingIOError:
+                written = 0
+            except OSError:
+                self._die()
+                return False
+            if written == len(data):
+                return True
+            rest: bytes | memoryview = memoryview(data)[written:] if written else data
+        else:
+            rest = data
+        self._push(rest)
+        if self._queued > self._limit:
+            self._overflow()
+            return False
+        return True
+
+    def close(self, final: bytes = b"") -> None:
+        """Queue ``final`` (e.g. ``bye`` and a close frame) after the backlog and accept nothing more.
+
+        The writer returns once everything is sent; bound that with a deadline
+        on the writer's cancel scope.
+        """
+        if self._state is not OutboxState.OPEN:
+            return
+        self._state = OutboxState.CLOSING
+        if final:
+            self._push(final)
+        self._lot.unpark_all()
+
+    def abort(self) -> None:
+        """Give up: drop everything queued and make the writer return now."""
+        self._die()
+
+    async def run_writer(self) -> None:
+        """Send what :meth:`offer` could not, until the outbox is closed and drained or dead."""
+        while True:
+            while not self._queue:
+                if self._state is not OutboxState.OPEN:
+                    return
+                await self._lot.park()
+            if self._state is OutboxState.DEAD:
+                return
+            await trio.lowlevel.wait_writable(self._fd)
+            self._write_queued()
+
+    # -- internals ------------------------------------------------------------
+
+    def _push(self, data: bytes | memoryview) -> None:
+        self._queue.append(data)
+        self._queued += len(data)
+        if len(self._queue) == 1:
+            self._lot.unpark_all()
+
+    def _write_queued(self) -> None:
+        queue = self._queue
+        chunks = list(queue) if len(queue) <= _IOV_MAX else [queue[i] for i in range(_IOV_MAX)]
+        try:
+            written = os.writev(self._fd, chunks)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._die()
+            return
+        self._queued -= written
+        while written:
+            head = queue[0]
+            if written >= len(head):
+                written -= len(head)
+                queue.popleft()
+            else:
+                queue[0] = memoryview(head)[written:]
+                written = 0
+
+    def _overflow(self) -> None:
+        # Keep the unsent tail of a frame already partly on the wire (a memoryview:
+        # only partial writes make those), drop the rest, then say goodbye.
+        head = self._queue[0] if self._queue else None
+        self._queue.clear()
+        self._queued = 0
+        if isinstance(head, memoryview):
+            self._queue.append(head)
+            self._queued = len(head)
+        self.overflowed = True
+        self._state = OutboxState.CLOSING
+        if self._overflow_frames:
+            self._push(self._overflow_frames)
+        self._lot.unpark_all()
+        if self.on_overflow is not None:
+            self.on_overflow()
+
+    def _die(self) -> None:
+        self._queue.clear()
+        self._queued = 0
+        self._state = OutboxState.DEAD
+        self._lot.unpark_all()

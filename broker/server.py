@@ -1,0 +1,212 @@
+"""The broker: one listening port, one nursery per connection, graceful shutdown.
+
+Embedding::
+
+    async with trio.open_nursery() as nursery:
+        broker = await nursery.start(tokenfan_broker.serve, Config(port=0))
+        offset = broker.emit("ai-chat/42", "ai:token", {"token": "Hello"})
+        ...
+        broker.shutdown()      # graceful: bye to every client, then serve() returns
+
+Theory of operation
+-------------------
+:meth:`Broker.serve` opens the listeners and runs, in one nursery, the hub's
+flusher, the accept loop (in a cancel scope of its own, so shutdown can stop
+accepting without touching live connections) and every connection's task.
+Each connection task speaks HTTP until it upgrades to WebSocket; whatever
+goes wrong inside it is logged and ends that connection only.
+
+Shutdown closes the listeners, sends every WebSocket client ``bye`` with
+``SHUTTING_DOWN`` (``reconnect: true``), waits at most ``shutdown_timeout``
+for the connections to drain, then cancels whatever is left.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+import protocol as p
+from broker.config import Config
+from broker.http import serve_http
+from broker.hub import Hub, HubStatistics, Publication
+from broker.ws import WsConnection
+
+log = logging.getLogger("tokenfan")
+
+# Errors accept() may raise when the process runs out of descriptors or memory;
+# the listener backs off and tries again instead of dying (as trio.serve_listeners does).
+_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+class EmitError(ValueError):
+    """An in-process emit was given an invalid channel, event or data; the message says which."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BrokerStatistics:
+    """A snapshot of the broker."""
+
+    connections: int  #: WebSocket clients
+    tcp_connections: int  #: every open TCP connection, HTTP ones included
+    hub: HubStatistics
+    bytes_queued: int
+    slow_disconnects: int
+    accepting: bool
+
+
+class Broker:
+    """A tokenfan broker. Create it, run :meth:`serve` in a nursery, then emit."""
+
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = config or Config()
+        self.hub = Hub(batching=self.config.batching)
+        self.connections: set[WsConnection] = set()
+        self.port: int | None = None
+        self._tcp_connections = 0
+        self._slow_disconnects = 0
+        self._accepting = False
+        self._shutdown = trio.Event()
+        self._drained = trio.Event()  # set when shutting down and the last connection has ended
+        self._data_limits = p.Limits(max_frame_size=self.config.max_body_size)
+
+    # -- emitting ------------------------------------------------------------------
+
+    def emit(self, channel: str, event: str, data: Any = None) -> int:
+        """Publish ``event`` with ``data`` on ``channel`` to every subscriber; return its offset.
+
+        Synchronous and non-blocking: fan-out happens in the broker's flusher
+        (or right here with ``batching = false``).
+
+        Raises:
+            EmitError: the channel or event name is invalid, or ``data`` is not
+                made of msgpack-encodable values (nil, bool, int, float, str,
+                bytes, lists, and dicts with str keys).
+        """
+        return self.publish(channel, event, data, validate=True).offset
+
+    def publish(self, channel: str, event: str, data: Any = None, *, validate: bool = True) -> Publication:
+        """Like :meth:`emit`, returning the offset and the epoch it belongs to."""
+        if validate:
+            problem = (p.channel_problem(channel) or p.event_problem(event)
+                       or p.data_problem(data, self._data_limits))
+            if problem is not None:
+                raise EmitError(problem)
+        try:
+            return self.hub.publish(channel, event, data)
+        except p.LocalProtocolError as exc:
+            raise EmitError(str(exc)) from None
+
+    # -- running -------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[Broker] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen and serve until :meth:`shutdown` completes or the caller cancels.
+
+        ``task_status.started`` is called with the broker once it accepts connections;
+        :attr:`port` is then the real port (useful with port 0).
+        """
+        config = self.config
+        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+        self.port = listeners[0].socket.getsockname()[1]
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.hub.run_flusher)
+                accept_scope = trio.CancelScope()
+                nursery.start_soon(self._accept_loop, listeners, nursery, accept_scope)
+                self._accepting = True
+                task_status.started(self)
+                await self._shutdown.wait()
+                self._accepting = False
+                accept_scope.cancel()
+                for connection in list(self.connections):
+                    connection.close(p.Code.SHUTTING_DOWN, "server shutting down")
+                with trio.move_on_after(config.shutdown_timeout):
+                    if self.connections:
+                        await self._drained.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._accepting = False
+            with trio.CancelScope(shield=True):
+                for listener in listeners:
+                    await listener.aclose()
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown; :meth:`serve` returns when it is done."""
+        self._shutdown.set()
+
+    async def _accept_loop(self, listeners: list[trio.SocketListener], nursery: trio.Nursery,
+                           scope: trio.CancelScope) -> None:
+        with scope:
+            async with trio.open_nursery() as accepting:
+                for listener in listeners:
+                    accepting.start_soon(self._accept, listener, nursery)
+
+    async def _accept(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.error("accept failed (%s); retrying in 100 ms", errno.errorcode[exc.errno or 0])
+                await trio.sleep(0.1)
+                continue
+            nursery.start_soon(self._handle_stream, stream)
+
+    async def _handle_stream(self, stream: trio.SocketStream) -> None:
+        """One TCP connection, from its first HTTP byte to its close. Nothing escapes but Cancelled."""
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._tcp_connections += 1
+        try:
+            upgrade = await serve_http(self, stream)
+            if upgrade is not None:
+                connection = WsConnection(self, stream)
+                self.connections.add(connection)
+                try:
+                    await connection.run(upgrade)
+                finally:
+                    self.connections.discard(connection)
+                    if not self.connections and self._shutdown.is_set():
+                        self._drained.set()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+            pass  # the peer went away; nothing to report
+        except Exception:
+            log.exception("connection failed")
+        finally:
+            self._tcp_connections -= 1
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    # -- state ---------------------------------------------------------------------
+
+    def at_connection_limit(self) -> bool:
+        return len(self.connections) > self.config.max_connections
+
+    def count_slow_disconnect(self) -> None:
+        self._slow_disconnects += 1
+
+    def statistics(self) -> BrokerStatistics:
+        return BrokerStatistics(
+            connections=len(self.connections), tcp_connections=self._tcp_connections,
+            hub=self.hub.statistics(),
+            bytes_queued=sum(c.outbox.statistics().bytes_queued for c in self.connections),
+            slow_disconnects=self._slow_disconnects, accepting=self._accepting,
+        )
+
+    def health(self) -> dict[str, Any]:
+        stats = self.statistics()
+        return {"ok": True, "accepting": stats.accepting, "connections": stats.connections,
+                "channels": stats.hub.channels, "subscriptions": stats.hub.subscriptions,
+                "publications": stats.hub.publications, "bytes_queued": stats.bytes_queued,
+                "slow_disconnects": stats.slow_disconnects}
+
+
+async def serve(config: Config | None = None, *,
+                task_status: trio.TaskStatus[Broker] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run a :class:`Broker` with ``config``; ``await nursery.start(serve, config)`` returns it."""
+    await Broker(config).serve(task_status=task_status)

@@ -1,0 +1,273 @@
+"""One WebSocket client of the broker: handshake, reader, heartbeat and command handling.
+
+Theory of operation
+-------------------
+After :mod:`broker.http` sees an upgrade request, :class:`WsConnection`
+finishes the handshake with wsproto and then runs three things in one nursery:
+the reader (socket → wsproto → :class:`protocol.Decoder` → commands), the
+heartbeat (WebSocket pings, idle timeout) and, in the connection's own task,
+the outbox writer. Every byte sent goes through the :class:`Outbox`.
+
+The connection ends when the writer returns: the outbox was closed and
+drained (a ``bye`` was sent), it overflowed (slow consumer), or the socket
+died. The reader and heartbeat end a connection by closing the outbox with a
+``bye`` and a close frame; the writer's deadline (``shutdown_timeout``) bounds
+how long a peer that does not read can keep us waiting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+import wsproto
+import wsproto.events as wse
+from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
+
+import protocol as p
+from broker.outbox import Outbox, OutboxState, OutboxStatistics
+
+if TYPE_CHECKING:
+    from broker.http import Upgrade
+    from broker.server import Broker
+
+log = logging.getLogger("tokenfan.ws")
+
+_RECV = 64 * 1024
+SERVER_NAME = "tokenfan/0.1.0"
+
+
+def bye_frames(code: p.Code, msg: str) -> bytes:
+    """The ``bye`` frame and the WebSocket close frame that follows it, as one write."""
+    bye = p.encode(p.Bye(code=code, msg=msg, reconnect=code.reconnect))
+    return p.ws_frame(bye) + p.ws_close_frame(code, msg)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionStatistics:
+    """A snapshot of one WebSocket connection."""
+
+    subscriptions: int
+    outbox: OutboxStatistics
+    frames_received: int
+
+
+class WsConnection:
+    """A connected WebSocket client. Created and run by the broker."""
+
+    def __init__(self, broker: Broker, stream: trio.SocketStream) -> None:
+        self.broker = broker
+        self.stream = stream
+        config = broker.config
+        self.outbox = Outbox(
+            stream.socket.fileno(), limit=config.outbox_limit,
+            overflow_frames=bye_frames(p.Code.SLOW_CONSUMER, "send buffer full: reading too slowly"),
+            on_overflow=self._on_overflow,
+        )
+        self.subscriptions: set[str] = set()
+        self.decoder = p.Decoder(peer=p.Peer.CLIENT,
+                                 limits=p.Limits(max_frame_size=config.max_frame_size))
+        self.ws = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
+        self.frames_received = 0
+        self._message = bytearray()
+        self._last_heard = trio.current_time()
+        self._writer_scope = trio.CancelScope()
+        self.close_code: p.Code | None = None
+
+    def statistics(self) -> ConnectionStatistics:
+        return ConnectionStatistics(subscriptions=len(self.subscriptions),
+                                    outbox=self.outbox.statistics(), frames_received=self.frames_received)
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def run(self, upgrade: Upgrade) -> None:
+        """Finish the handshake and serve the client until the connection ends."""
+        if not await self._handshake(upgrade):
+            return
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reader)
+                nursery.start_soon(self._heartbeat)
+                with self._writer_scope:
+                    await self.outbox.run_writer()
+                nursery.cancel_scope.cancel()
+        finally:
+            for channel in self.subscriptions:
+                self.broker.hub.unsubscribe(channel, self.outbox)
+            self.subscriptions.clear()
+
+    def close(self, code: p.Code, msg: str) -> None:
+        """Send ``bye`` and a close frame after what is queued, then end (within ``shutdown_timeout``)."""
+        if self.outbox.state is not OutboxState.OPEN:
+            return
+        self.close_code = code
+        self.outbox.close(bye_frames(code, msg))
+        self._writer_scope.deadline = min(self._writer_scope.deadline,
+                                          trio.current_time() + self.broker.config.shutdown_timeout)
+
+    def _on_overflow(self) -> None:
+        self.close_code = p.Code.SLOW_CONSUMER
+        self.broker.count_slow_disconnect()
+        self._writer_scope.deadline = min(self._writer_scope.deadline,
+                                          trio.current_time() + self.broker.config.shutdown_timeout)
+
+    async def _handshake(self, upgrade: Upgrade) -> bool:
+        request = upgrade.request
+        try:
+            self.ws.initiate_upgrade_connection(list(request.headers), request.target)
+            events = list(self.ws.events())
+        except WsRemoteProtocolError as exc:
+            await self._reject(400, f"bad WebSocket handshake: {exc}")
+            return False
+        if not events or not isinstance(events[0], wse.Request):
+            await self._reject(400, "bad WebSocket handshake")
+            return False
+        reply = self.ws.send(wse.AcceptConnection())
+        if self.broker.at_connection_limit():
+            # Accept, then say why we close: clients see a documented code, not a reset.
+            self.outbox.offer(reply)
+            self.close(p.Code.TOO_MANY_CONNECTIONS, "server is at its connection limit")
+            with self._writer_scope:
+                await self.outbox.run_writer()
+            return False
+        self.outbox.offer(reply)
+        if upgrade.trailing:
+            self._receive(upgrade.trailing)
+        return True
+
+    async def _reject(self, status: int, message: str) -> None:
+        body = json.dumps({"ok": False, "error": message}).encode()
+        head = (f"HTTP/1.1 {status} Bad Request\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        with trio.move_on_after(self.broker.config.shutdown_timeout):
+            await self.stream.send_all(head + body)
+
+    # -- reading --------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        while self.outbox.state is OutboxState.OPEN:
+            try:
+                data = await self.stream.socket.recv(_RECV)
+            except OSError:
+                data = b""
+            if not data:
+                self.outbox.abort()
+                return
+            self._last_heard = trio.current_time()
+            self._receive(data)
+        # Closing: keep reading (and discarding) so the peer's close frame is consumed.
+        while True:
+            try:
+                data = await self.stream.socket.recv(_RECV)
+            except OSError:
+                return
+            if not data:
+                return
+
+    def _receive(self, data: bytes) -> None:
+        try:
+            self.ws.receive_data(data)
+            for event in self.ws.events():
+                self._on_ws_event(event)
+                if self.outbox.state is not OutboxState.OPEN:
+                    return
+        except WsRemoteProtocolError as exc:
+            self.close(p.Code.BAD_FRAME, f"WebSocket protocol error: {exc}")
+
+    def _on_ws_event(self, event: wse.Event) -> None:
+        if isinstance(event, wse.BytesMessage):
+            self._message += event.data
+            if len(self._message) > self.broker.config.max_frame_size:
+                self.close(p.Code.FRAME_TOO_LARGE,
+                           f"message larger than the {self.broker.config.max_frame_size}-byte limit")
+                return
+            if event.message_finished:
+                message = bytes(self._message)
+                self._message.clear()
+                self._on_message(message)
+        elif isinstance(event, wse.TextMessage):
+            self.close(p.Code.BAD_FRAME, "text messages are not part of the protocol: send binary msgpack")
+        elif isinstance(event, wse.Ping):
+            self.outbox.offer(self.ws.send(event.response()))
+        elif isinstance(event, wse.CloseConnection):
+            self.close_code = None
+            self.outbox.close(self.ws.send(event.response()))
+            self._writer_scope.deadline = min(self._writer_scope.deadline,
+                                              trio.current_time() + self.broker.config.shutdown_timeout)
+
+    def _on_message(self, message: bytes) -> None:
+        decoder = self.decoder
+        decoder.feed(message)
+        while True:
+            try:
+                frame = decoder.next_frame()
+                if frame is None:
+                    decoder.end_of_message()
+                    return
+            except p.RemoteProtocolError as exc:
+                if exc.id is None:
+                    self.close(exc.code, exc.msg)
+                    return
+                self.reply(p.Err(id=exc.id, code=exc.code, msg=exc.msg))
+                continue
+            self.frames_received += 1
+            self.reply(self._handle(frame))
+            if self.outbox.state is not OutboxState.OPEN:
+                return
+
+    # -- commands ---------------------------------------------------------------
+
+    def reply(self, frame: p.Frame) -> None:
+        self.outbox.offer(p.ws_frame(p.encode(frame)))
+
+    def _handle(self, frame: p.Frame) -> p.Frame:
+        broker = self.broker
+        hub = broker.hub
+        if isinstance(frame, p.Sub):
+            if frame.ch in self.subscriptions:
+                return p.Err(id=frame.id, code=p.Code.ALREADY_SUBSCRIBED,
+                             msg=f"already subscribed to {frame.ch}")
+            if len(self.subscriptions) >= broker.config.max_subscriptions:
+                return p.Err(id=frame.id, code=p.Code.TOO_MANY_SUBSCRIPTIONS,
+                             msg=f"a connection may hold at most {broker.config.max_subscriptions} "
+                                 "subscriptions")
+            channel = hub.subscribe(frame.ch, self.outbox)
+            self.subscriptions.add(frame.ch)
+            since = frame.since
+            recovered = since is not None and since.ep == channel.epoch and since.o == channel.top
+            return p.Ok(id=frame.id, ch=frame.ch, o=channel.top, ep=channel.epoch, recovered=recovered)
+        if isinstance(frame, p.Unsub):
+            if frame.ch not in self.subscriptions:
+                return p.Err(id=frame.id, code=p.Code.NOT_SUBSCRIBED, msg=f"not subscribed to {frame.ch}")
+            self.subscriptions.discard(frame.ch)
+            hub.unsubscribe(frame.ch, self.outbox)
+            return p.Ok(id=frame.id)
+        if isinstance(frame, p.Pub):
+            if not broker.config.channel_options(frame.ch).allows_client_event(frame.ev):
+                return p.Err(id=frame.id, code=p.Code.NOT_ALLOWED,
+                             msg=f"clients may not publish {frame.ev} on {frame.ch}")
+            pub = broker.publish(frame.ch, frame.ev, frame.d)
+            return p.Ok(id=frame.id, o=pub.offset, ep=pub.epoch)
+        if isinstance(frame, p.Ping):
+            return p.Ok(id=frame.id)
+        if isinstance(frame, p.Hello):
+            return p.Ok(id=frame.id, server=SERVER_NAME)
+        raise AssertionError(f"unhandled client frame {frame!r}")  # pragma: no cover
+
+    # -- heartbeat ----------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        config = self.broker.config
+        while True:
+            await trio.sleep(config.ping_interval)
+            silent = trio.current_time() - self._last_heard
+            if silent >= config.idle_timeout:
+                self.close(p.Code.IDLE_TIMEOUT, f"nothing heard for {silent:.0f}s")
+                return
+            self.outbox.offer(self.ws.send(wse.Ping(payload=b"tf")))
+
+    def __repr__(self) -> str:
+        return f"<WsConnection subscriptions={len(self.subscriptions)} {self.outbox.state.value}>"
