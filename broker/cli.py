@@ -67,13 +67,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"tokenfan: configuration error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    failure: OSError | None = None
     try:
         trio.run(_serve, Broker(config))
-    except OSError as exc:
-        print(f"tokenfan: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
+    except* OSError as group:  # raised by the listener inside the broker's nursery
+        failure = _first_leaf(group)
+    if failure is not None:
+        print(f"tokenfan: cannot listen on {config.host}:{config.port}: {failure.strerror or failure}",
               file=sys.stderr)
         return 1
     return 0
+
+
+def _first_leaf(group: BaseExceptionGroup[OSError]) -> OSError:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 # -- emit ------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -258,17 +259,46 @@ class Client:
 
 
 @asynccontextmanager
+async def open_websocket(url: str, *, max_message_size: int = p.SERVER_LIMITS.max_frame_size,
+                         connect_timeout: float = 10.0) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+    """A raw trio-websocket connection to ``ws://host:port/path`` whose TCP stream we own.
+
+    trio-websocket's client leaves its socket open when the server closes
+    first; owning the stream lets us always close it.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "ws" or not parts.hostname:
+        raise ValueError(f"expected a ws:// URL such as ws://127.0.0.1:8765/ws, got {url!r}")
+    port = parts.port or 80
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(connect_timeout):
+            stream = await trio.open_tcp_stream(parts.hostname, port)
+        try:
+            with trio.fail_after(connect_timeout):
+                ws = await trio_websocket.wrap_client_stream(
+                    nursery, stream, f"{parts.hostname}:{port}", resource,
+                    max_message_size=max_message_size)
+            try:
+                yield ws
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+
+@asynccontextmanager
 async def connect(url: str, *, max_message_size: int = p.SERVER_LIMITS.max_frame_size,
                   connect_timeout: float = 10.0) -> AsyncIterator[Client]:
     """Connect to a broker's WebSocket endpoint (``ws://host:port/ws``) and yield a :class:`Client`."""
-    async with trio.open_nursery() as nursery:
-        with trio.fail_after(connect_timeout):
-            ws = await trio_websocket.connect_websocket_url(nursery, url, max_message_size=max_message_size)
+    async with open_websocket(url, max_message_size=max_message_size,
+                              connect_timeout=connect_timeout) as ws, trio.open_nursery() as nursery:
         client = Client(ws)
         nursery.start_soon(client._read)
         try:
             yield client
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
-                await ws.aclose()
             nursery.cancel_scope.cancel()

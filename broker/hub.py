@@ -162,15 +162,19 @@ class Hub:
             if self.on_channel_closed is not None:
                 self.on_channel_closed(name)
 
+    def flush_all(self) -> None:
+        """Fan out every pending publication now (e.g. before saying goodbye to everyone)."""
+        dirty, self._dirty = self._dirty, {}
+        for channel in dirty:
+            channel.flush()
+
     async def run_flusher(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Fan out pending publications whenever there are some. Runs until cancelled."""
         task_status.started()
         while True:
             while not self._dirty:
                 await self._lot.park()
-            dirty, self._dirty = self._dirty, {}
-            for channel in dirty:
-                channel.flush()
+            self.flush_all()
             # Let the publishers run before the next round, so they can batch up.
             await trio.lowlevel.checkpoint()
 

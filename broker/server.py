@@ -123,6 +123,7 @@ class Broker:
                 await self._shutdown.wait()
                 self._accepting = False
                 accept_scope.cancel()
+                self.hub.flush_all()  # what was emitted before shutdown still goes out, before bye
                 for connection in list(self.connections):
                     connection.close(p.Code.SHUTTING_DOWN, "server shutting down")
                 with trio.move_on_after(config.shutdown_timeout):

@@ -1,0 +1,1 @@
+"""Load-test harness for tokenfan and its peers (see docs/benchmarks.md)."""

@@ -1,0 +1,79 @@
+"""Configuration from TOML, environment and flags, validated with clear messages."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from broker.config import Config, ConfigError, config_fields, load_config
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+
+
+def test_defaults() -> None:
+    config = load_config(env={})
+    assert config == Config()
+    assert (config.host, config.port, config.outbox_limit) == ("127.0.0.1", 8765, 1024 * 1024)
+    assert config.channel_options("ai-chat/42").allows_client_event("ai:cancel")
+    assert not config.channel_options("ai-chat/42").allows_client_event("ai:token")
+    assert not config.channel_options("news").allows_client_event("ai:cancel")
+
+
+def test_file_then_environment_then_flags(tmp_path: Path) -> None:
+    path = tmp_path / "tokenfan.toml"
+    path.write_text('port = 9000\nhost = "0.0.0.0"\noutbox_limit = "2MiB"\nidle_timeout = "2m"\n'
+                    'batching = false\n[channels."room.*"]\nclient_events = ["*"]\n')
+    config = load_config(path, env={"TOKENFAN_PORT": "9100", "TOKENFAN_PING_INTERVAL": "250ms",
+                                    "PATH": "/bin"},
+                         overrides={"port": 9200, "host": None})
+    assert config.port == 9200
+    assert config.host == "0.0.0.0"
+    assert config.outbox_limit == 2 * 1024 * 1024
+    assert config.idle_timeout == 120.0
+    assert config.ping_interval == 0.25
+    assert config.batching is False
+    assert config.channel_options("room.1").allows_client_event("anything")
+    assert config.channel_options("ai-chat/1").allows_client_event("ai:cancel")  # default kept
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "message"),
+    [
+        ("port = 70000", {}, "port: must be between 0 and 65535"),
+        ("port = \"abc\"", {}, "port (file"),
+        ("", {"TOKENFAN_OUTBOX_LIMIT": "5 mibs"}, "unknown size unit 'mibs'"),
+        ("", {"TOKENFAN_OUTBOX_LIMIT": "100"}, "outbox_limit: must be at least 4096 bytes"),
+        ("", {"TOKENFAN_PROT": "1"}, "unknown environment variable TOKENFAN_PROT"),
+        ("colour = 3", {}, "unknown option 'colour'"),
+        ("idle_timeout = \"soon\"", {}, "idle_timeout (file"),
+        ("ping_interval = 90", {}, "ping_interval (90.0s) must be shorter than idle_timeout"),
+        ("batching = \"maybe\"", {}, "expected true or false"),
+        ("[channels.\"a*\"]\nclient_events = \"ai:cancel\"", {}, "client_events must be a list"),
+        ("[channels.\"a*\"]\nhistory = 3", {}, "unknown option(s) history"),
+        ("port = ", {}, "is not valid TOML"),
+    ],
+)
+def test_bad_values_are_named(tmp_path: Path, toml: str, env: dict[str, str], message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env=env)
+    assert message in str(info.value)
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match=r"cannot read config file /nonexistent\.toml"):
+        load_config("/nonexistent.toml", env={})
+
+
+def test_docs_list_every_option_with_its_default() -> None:
+    text = DOC.read_text()
+    table = text.split("<!-- options-table")[1].split("<!-- /options-table -->")[0]
+    rows = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", table, re.MULTILINE))
+    assert list(rows) == config_fields()
+    defaults = Config()
+    for name, shown in rows.items():
+        parsed = load_config(env={f"TOKENFAN_{name.upper()}": shown})
+        assert getattr(parsed, name) == getattr(defaults, name), name

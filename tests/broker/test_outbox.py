@@ -1,0 +1,102 @@
+"""The outbox on a real socket pair: fast path, queueing, joined writes, overflow, death."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+from broker.outbox import Outbox, OutboxState
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def drain(sock: socket.socket) -> bytes:
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except BlockingIOError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_fast_path_writes_at_once(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    outbox = Outbox(a.fileno(), limit=1 << 20)
+    assert outbox.offer(b"hello ") and outbox.offer(b"world")
+    assert drain(b) == b"hello world"
+    assert outbox.statistics().bytes_queued == 0
+
+
+async def test_backlog_is_queued_then_written_in_order(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    outbox = Outbox(a.fileno(), limit=1 << 20)
+    chunks = [bytes([i % 251]) * 1000 for i in range(300)]  # far more than the socket buffers hold
+    for chunk in chunks:
+        assert outbox.offer(chunk)
+    assert outbox.statistics().bytes_queued > 0
+    received = bytearray()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(outbox.run_writer)
+        with trio.fail_after(5):
+            while len(received) < 300_000:
+                await trio.lowlevel.wait_readable(b)
+                received += drain(b)
+        outbox.close()
+    assert bytes(received) == b"".join(chunks)
+    assert outbox.statistics().bytes_queued == 0
+
+
+async def test_overflow_keeps_a_half_written_frame_whole(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    overflowed: list[bool] = []
+    outbox = Outbox(a.fileno(), limit=20_000, overflow_frames=b"<BYE>",
+                    on_overflow=lambda: overflowed.append(True))
+    frames = [b"[" + bytes([65 + i % 26]) * 998 + b"]" for i in range(200)]
+    accepted = 0
+    for frame in frames:
+        if not outbox.offer(frame):
+            break
+        accepted += 1
+    assert overflowed == [True]
+    assert outbox.overflowed and outbox.state is OutboxState.CLOSING
+    assert not outbox.offer(b"late")
+    received = bytearray()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(outbox.run_writer)
+        with trio.fail_after(5):
+            while not received.endswith(b"<BYE>"):
+                await trio.lowlevel.wait_readable(b)
+                received += drain(b)
+    body = bytes(received[:-5])
+    # Whole frames only: a prefix of what was offered, cut at a frame boundary.
+    assert len(body) % 1000 == 0
+    assert body == b"".join(frames[: len(body) // 1000])
+    assert 0 < len(body) // 1000 <= accepted
+
+
+async def test_dead_socket_makes_the_writer_return(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    outbox = Outbox(a.fileno(), limit=1 << 20)
+    b.close()
+    with trio.fail_after(5):
+        while outbox.offer(b"x" * 10_000):
+            pass
+        await outbox.run_writer()
+    assert outbox.state is OutboxState.DEAD
+    assert outbox.statistics().bytes_queued == 0
