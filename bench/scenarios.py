@@ -31,7 +31,8 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 
 def _result(scenario: str, target: str, subscribers: int, tokens: int, rate: float | None,
-            swarm: Swarm, cpu_s: float, wall_s: float, rss_mib: float, extra: dict[str, Any]) -> dict[str, Any]:
+            swarm: Swarm, cpu_s: float, wall_s: float, rss_mib: float,
+            extra: dict[str, Any]) -> dict[str, Any]:
     res = swarm.result
     expected = subscribers * tokens
     lost = expected - res.delivered
