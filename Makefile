@@ -32,11 +32,9 @@ pytest: install
 
 test: lint typecheck pytest
 
-# The first measurement (issue 3): 1,000 subscribers x 500 tokens, batching off then on.
+# The standard comparison of tokenfan and its peers (under 10 minutes): results, report and plots.
 bench: install
-	mkdir -p bench-results
-	$(PY) -m bench burst --subscribers 1000 --tokens 500 --no-batching --json bench-results/results.jsonl
-	$(PY) -m bench burst --subscribers 1000 --tokens 500 --json bench-results/results.jsonl
+	$(PY) -m bench compare --out bench-results
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis bench-results

@@ -1,6 +1,10 @@
-"""``python -m bench``: run load scenarios against a broker process.
+"""``python -m bench``: load scenarios against tokenfan and its peers.
 
-    python -m bench burst [--subscribers 1000] [--tokens 500] [--no-batching] [--json FILE]
+    python -m bench run SCENARIO --target T [--subscribers N] [--tokens M] [--rate R] [--json FILE]
+    python -m bench compare [--quick] --out DIR
+
+Scenarios: burst, paced, slow, channels, idle. Targets: tokenfan, websockets,
+picows, trio-websocket, sse.
 """
 
 from __future__ import annotations
@@ -8,32 +12,70 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from bench import scenarios
+from bench.progress import ProgressBar
+from bench.target import TARGETS
 
 
-def main(argv: list[str] | None = None) -> int:
+def _positive(kind: type[int] | type[float]):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    burst = commands.add_parser("burst", help="N subscribers, M tokens as fast as possible")
-    burst.add_argument("--subscribers", type=int, default=1000)
-    burst.add_argument("--tokens", type=int, default=500)
-    burst.add_argument("--no-batching", action="store_true", help="one token per write")
-    burst.add_argument("--window", type=int, default=64, help="emit requests in flight (default 64)")
-    burst.add_argument("--time-limit", type=float, default=120.0, help="seconds before giving up")
-    burst.add_argument("--json", help="append the result as one JSON line to this file")
-    args = parser.parse_args(argv)
+    run = commands.add_parser("run", help="one scenario against one target")
+    run.add_argument("scenario", choices=sorted(scenarios.SCENARIOS))
+    run.add_argument("--target", default="tokenfan", choices=sorted(TARGETS))
+    run.add_argument("--subscribers", type=_positive(int), default=1000)
+    run.add_argument("--tokens", type=_positive(int), default=500)
+    run.add_argument("--rate", type=_positive(float), help="tokens per second per channel (paced)")
+    run.add_argument("--channels", type=_positive(int), default=1)
+    run.add_argument("--no-batching", action="store_true", help="tokenfan: one token per write")
+    run.add_argument("--slow-share", type=float, default=0.0, help="share of subscribers that pause")
+    run.add_argument("--slow-ms", type=float, default=0.0, help="how long they pause, in ms")
+    run.add_argument("--time-limit", type=_positive(float), default=120.0)
+    run.add_argument("--json", help="append the result as one JSON line to this file")
 
-    if args.subscribers < 1 or args.tokens < 1:
-        parser.error("--subscribers and --tokens must be at least 1")
-    result = scenarios.burst(subscribers=args.subscribers, tokens=args.tokens,
-                             batching=not args.no_batching, window=args.window, time_limit=args.time_limit)
-    line = json.dumps(result)
+    compare = commands.add_parser("compare", help="the standard comparison of every target")
+    compare.add_argument("--quick", action="store_true", help="smaller runs (under 2 minutes)")
+    compare.add_argument("--out", required=True, help="directory for results.jsonl, report.md, plots")
+    compare.add_argument("--targets", help="comma-separated subset of targets")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "compare":
+        from bench.compare import compare
+
+        targets = args.targets.split(",") if args.targets else list(TARGETS)
+        unknown = [t for t in targets if t not in TARGETS]
+        if unknown:
+            print(f"unknown target(s): {', '.join(unknown)}", file=sys.stderr)
+            return 2
+        return compare(Path(args.out), quick=args.quick, targets=targets)
+    if args.scenario == "paced" and args.rate is None:
+        args.rate = 50.0
+    params = scenarios.Params(
+        scenario=args.scenario, target=args.target, subscribers=args.subscribers, tokens=args.tokens,
+        rate=args.rate, channels=args.channels, batching=not args.no_batching,
+        slow_share=args.slow_share, slow_ms=args.slow_ms, time_limit=args.time_limit)
+    with ProgressBar(f"{args.scenario}/{args.target}") as bar:
+        result = scenarios.SCENARIOS[args.scenario](params, bar.update)
+    line = json.dumps({k: v for k, v in result.items() if k != "latency_cdf_ms"})
     print(line)
     if args.json:
         with open(args.json, "a") as f:
-            f.write(line + "\n")
+            f.write(json.dumps(result) + "\n")
     return 0 if result["ok"] else 1
 
 

@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import json
+import select
 import socket
 import time
 
 
 class HttpEmitter:
-    """Sends token events to ``channel`` with at most ``window`` requests in flight.
+    """Sends token events to ``channels`` (round robin) with at most ``window`` requests in flight.
 
     Each event's data is ``{"token": ..., "ts": time.monotonic()}``, taken just
     before the request is written, so subscribers can measure emit-to-read latency.
     """
 
-    def __init__(self, host: str, port: int, channel: str, *, window: int = 64) -> None:
+    def __init__(self, host: str, port: int, channels: list[str], *, window: int = 64,
+                 path: str = "/api/emit") -> None:
         self.sock = socket.create_connection((host, port), timeout=10)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.setblocking(False)
         self.host = host
-        self.channel = channel
+        self.channels = channels
+        self.path = path
         self.window = window
         self.sent = 0
         self.acked = 0
@@ -28,9 +31,10 @@ class HttpEmitter:
         self._in = bytearray()
 
     def _request(self, token: str) -> bytes:
-        body = json.dumps({"channel": self.channel, "event": "ai:token",
+        channel = self.channels[self.sent % len(self.channels)]
+        body = json.dumps({"channel": channel, "event": "ai:token",
                            "data": {"token": token, "ts": time.monotonic()}}).encode()
-        return (f"POST /api/emit HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+        return (f"POST {self.path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
     def queue(self, count: int, token: str = "tok") -> int:
@@ -75,6 +79,11 @@ class HttpEmitter:
                 self.errors += 1
             self.acked += 1
             del self._in[:end + 4 + length]
+
+    def wait_readable(self, timeout: float) -> None:
+        """Block until a response arrives or ``timeout`` seconds pass."""
+        if timeout > 0:
+            select.select([self.sock], [], [], timeout)
 
     def close(self) -> None:
         self.sock.close()

@@ -1,96 +1,164 @@
-"""Load scenarios. Each runs a broker process and the swarm, and returns a result dict.
+"""Load scenarios. Each starts a target process and the C swarm, drives an emitter, returns a result.
 
 Every loop here is bounded in count and in time, talks only to loopback, and
-stops the processes it started.
+stops the processes it started. The target runs pinned to core 0; the swarm
+and this process (the emitter) share core 1.
 """
 
 from __future__ import annotations
 
 import os
-import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from bench.cswarm import CSwarm, SwarmSpec
 from bench.emitter import HttpEmitter
-from bench.swarm import Swarm
-from bench.target import BrokerProcess, pin_to, raise_fd_limit, start_tokenfan
+from bench.target import TARGETS, BrokerProcess, pin_to, raise_fd_limit, start_target
 
 HOST = "127.0.0.1"
+Progress = Callable[[float], None]
 
 
-def _percentiles(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {key: float("nan") for key in ("p50", "p90", "p99", "p999", "max")}
-    ordered = sorted(values)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Params:
+    """One run's shape."""
 
-    def at(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
-
-    return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "p999": at(0.999),
-            "max": round(ordered[-1], 3)}
-
-
-def _result(scenario: str, target: str, subscribers: int, tokens: int, rate: float | None,
-            swarm: Swarm, cpu_s: float, wall_s: float, rss_mib: float,
-            extra: dict[str, Any]) -> dict[str, Any]:
-    res = swarm.result
-    expected = subscribers * tokens
-    lost = expected - res.delivered
-    failed = lost != 0 or res.out_of_order != 0 or res.duplicates != 0
-    return {
-        "scenario": scenario, "target": target, "subscribers": subscribers, "tokens": tokens,
-        "rate": rate, "expected": expected, "delivered": res.delivered, "lost": lost,
-        "out_of_order": res.out_of_order, "duplicates": res.duplicates,
-        "disconnected": res.disconnected, "ok": not failed,
-        "deliveries_per_s": None if failed else round(res.delivered / wall_s),
-        "deliveries_per_cpu_s": None if failed or cpu_s <= 0 else round(res.delivered / cpu_s),
-        "broker_cpu_s": round(cpu_s, 3), "wall_s": round(wall_s, 3),
-        "latency_ms": _percentiles(res.latencies_ms),
-        "broker_rss_mib": round(rss_mib, 1),
-        "rss_per_conn_kib": round(rss_mib * 1024 / max(subscribers, 1), 2),
-        **extra,
-    }
+    scenario: str
+    target: str
+    subscribers: int = 1000
+    tokens: int = 500
+    rate: float | None = None  #: tokens per second per channel; None: as fast as possible
+    channels: int = 1
+    batching: bool = True  #: tokenfan only
+    window: int = 64  #: emit requests in flight when unpaced
+    slow_share: float = 0.0
+    slow_ms: float = 0.0
+    time_limit: float = 120.0
 
 
-def burst(*, subscribers: int = 1000, tokens: int = 500, batching: bool = True, window: int = 64,
-          time_limit: float = 120.0) -> dict[str, Any]:
-    """N subscribers of one channel; M tokens emitted as fast as the broker takes them."""
+def _target_env(params: Params) -> dict[str, str]:
+    if params.target != "tokenfan":
+        return {}
+    return {"TOKENFAN_BATCHING": "true" if params.batching else "false",
+            "TOKENFAN_MAX_CONNECTIONS": str(params.subscribers + 100),
+            "TOKENFAN_IDLE_TIMEOUT": "600", "TOKENFAN_PING_INTERVAL": "300"}
+
+
+def run(params: Params, progress: Progress | None = None) -> dict[str, Any]:
+    """Run one scenario against one target and return its result object."""
+    if params.target not in TARGETS:
+        raise ValueError(f"unknown target {params.target!r}; known: {', '.join(TARGETS)}")
     raise_fd_limit()
     previous_affinity = pin_to(1)
-    swarm = Swarm()
-    emitter: HttpEmitter | None = None
     broker: BrokerProcess | None = None
+    swarm: CSwarm | None = None
+    emitter: HttpEmitter | None = None
     try:
-        broker = start_tokenfan(env={"TOKENFAN_BATCHING": "true" if batching else "false",
-                                     "TOKENFAN_MAX_CONNECTIONS": str(subscribers + 100)}, cpu=0)
-        channel = "bench/burst"
-        swarm.connect(HOST, broker.port, [channel] * subscribers)
-        emitter = HttpEmitter(HOST, broker.port, channel, window=window)
-        expected = subscribers * tokens
+        broker = start_target(params.target, env=_target_env(params), cpu=0)
+        channels = [f"bench/ch-{i}" for i in range(params.channels)]
+        spec = SwarmSpec(host=HOST, port=broker.port, mode=broker.kind.mode, path=broker.kind.path,
+                         subscribers=params.subscribers, channels=params.channels, prefix="bench/ch-",
+                         tokens=params.tokens, timeout=params.time_limit, slow_share=params.slow_share,
+                         slow_ms=params.slow_ms)
+        swarm = CSwarm(spec)
+        swarm.wait_ready(timeout=min(params.time_limit, 300))
+        connected_rss = broker.rss_mib()
+        emitter = HttpEmitter(HOST, broker.emit_port, channels, window=params.window)
+        total = params.tokens * params.channels
         cpu0, wall0 = broker.cpu_seconds(), time.monotonic()
-        deadline = wall0 + time_limit
-        while swarm.result.delivered < expected and time.monotonic() < deadline:
-            if emitter.sent < tokens:
-                emitter.queue(tokens - emitter.sent)
+        deadline = wall0 + params.time_limit
+        interval = None if params.rate is None else 1.0 / (params.rate * params.channels)
+        next_at = wall0
+        while swarm.running() and time.monotonic() < deadline:
+            if emitter.sent < total:
+                if interval is None:
+                    emitter.queue(total - emitter.sent)
+                elif time.monotonic() >= next_at:
+                    emitter.queue(1)
+                    next_at += interval
             emitter.pump()
-            swarm.poll(0.001)
-            if swarm.result.disconnected == subscribers:
-                break
-        # Drain stragglers briefly (bounded) so late duplicates would be seen.
-        end = time.monotonic() + 0.2
-        while time.monotonic() < end:
-            swarm.poll(0.01)
+            if progress is not None:
+                progress(min(emitter.sent / total, 1.0))
+            # Sleep until the broker answers or the next paced emit is due (at most 1 ms),
+            # so the swarm on this core gets the CPU it needs.
+            wait = 0.001 if interval is None else max(0.0, min(0.001, next_at - time.monotonic()))
+            emitter.wait_readable(wait)
         wall = time.monotonic() - wall0
         cpu = broker.cpu_seconds() - cpu0
-        rss = broker.peak_rss_mib()
-        return _result("burst", "tokenfan", subscribers, tokens, None, swarm, cpu, wall, rss,
-                       {"batching": batching, "emit_errors": emitter.errors,
-                        "latency_mean_ms": round(statistics.fmean(swarm.result.latencies_ms), 3)
-                        if swarm.result.latencies_ms else None})
+        result = swarm.finish(timeout=30, stop=True)
+        return _summarize(params, broker, result, cpu=cpu, wall=wall, connected_rss=connected_rss,
+                          emit_errors=emitter.errors)
     finally:
         if emitter is not None:
             emitter.close()
-        swarm.close()
+        if swarm is not None:
+            swarm.close()
         if broker is not None:
             broker.stop()
         os.sched_setaffinity(0, previous_affinity)
+
+
+def idle(params: Params, progress: Progress | None = None) -> dict[str, Any]:
+    """Connect ``subscribers`` idle subscribers and report the broker's resident memory per connection."""
+    raise_fd_limit()
+    previous_affinity = pin_to(1)
+    broker: BrokerProcess | None = None
+    swarm: CSwarm | None = None
+    try:
+        broker = start_target(params.target, env=_target_env(params), cpu=0)
+        time.sleep(0.5)
+        base = broker.rss_mib()
+        spec = SwarmSpec(host=HOST, port=broker.port, mode=broker.kind.mode, path=broker.kind.path,
+                         subscribers=params.subscribers, channels=params.channels, tokens=0,
+                         timeout=params.time_limit)
+        swarm = CSwarm(spec)
+        swarm.wait_ready(timeout=min(params.time_limit, 300))
+        time.sleep(1.0)  # let allocations settle
+        loaded = broker.rss_mib()
+        if progress is not None:
+            progress(1.0)
+        swarm.finish(timeout=30, stop=True)
+        per_conn = (loaded - base) * 1024 / params.subscribers
+        return {"scenario": params.scenario, "target": params.target, "subscribers": params.subscribers,
+                "tokens": 0, "rate": None, "expected": 0, "delivered": 0, "lost": 0, "out_of_order": 0,
+                "duplicates": 0, "ok": True, "deliveries_per_s": None, "deliveries_per_cpu_s": None,
+                "broker_cpu_s": None, "latency_ms": None, "broker_rss_mib": round(loaded, 1),
+                "broker_base_rss_mib": round(base, 1), "rss_per_conn_kib": round(per_conn, 2)}
+    finally:
+        if swarm is not None:
+            swarm.close()
+        if broker is not None:
+            broker.stop()
+        os.sched_setaffinity(0, previous_affinity)
+
+
+def _summarize(params: Params, broker: BrokerProcess, swarm: dict[str, Any], *, cpu: float, wall: float,
+               connected_rss: float, emit_errors: int) -> dict[str, Any]:
+    expected = params.subscribers * params.tokens
+    delivered = int(swarm["delivered"])
+    lost = expected - delivered
+    disorder = int(swarm["out_of_order"])
+    duplicates = int(swarm["duplicates"])
+    failed = (lost != 0 or disorder != 0 or duplicates != 0 or emit_errors != 0) \
+        and broker.kind.promises_order
+    return {
+        "scenario": params.scenario, "target": params.target, "subscribers": params.subscribers,
+        "tokens": params.tokens, "rate": params.rate, "channels": params.channels,
+        "batching": params.batching if params.target == "tokenfan" else None,
+        "expected": expected, "delivered": delivered, "lost": lost, "out_of_order": disorder,
+        "duplicates": duplicates, "disconnected": int(swarm["disconnected"]), "emit_errors": emit_errors,
+        "ok": not failed,
+        "deliveries_per_s": None if failed else round(delivered / wall),
+        "deliveries_per_cpu_s": None if failed or cpu <= 0 else round(delivered / cpu),
+        "broker_cpu_s": round(cpu, 3), "wall_s": round(wall, 3),
+        "latency_ms": swarm["latency_ms"], "latency_cdf_ms": swarm["cdf"],
+        "broker_rss_mib": round(broker.peak_rss_mib(), 1),
+        "rss_per_conn_kib": round(connected_rss * 1024 / params.subscribers, 2),
+    }
+
+
+SCENARIOS: dict[str, Callable[[Params, Progress | None], dict[str, Any]]] = {
+    "burst": run, "paced": run, "slow": run, "channels": run, "idle": idle,
+}

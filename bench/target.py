@@ -27,12 +27,35 @@ def raise_fd_limit(want: int = FD_LIMIT) -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+#: The cores this process may use, read once at import, before anything is pinned.
+CORES = sorted(os.sched_getaffinity(0))
+
+
 def pin_to(cpu: int) -> set[int]:
-    """Pin this process to ``cpu`` (modulo the cores we may use); return the previous affinity."""
+    """Pin this process to the ``cpu``-th usable core (modulo their number); return the previous affinity."""
     previous = os.sched_getaffinity(0)
-    cores = sorted(previous)
-    os.sched_setaffinity(0, {cores[cpu % len(cores)]})
+    os.sched_setaffinity(0, {CORES[cpu % len(CORES)]})
     return previous
+
+
+@dataclass(frozen=True, slots=True)
+class TargetKind:
+    """How to start one kind of broker and how its clients reach it."""
+
+    name: str
+    command: tuple[str, ...]
+    mode: str  #: how subscribers connect: "ws" (the tokenfan sub frame) or "sse"
+    path: str  #: WebSocket or SSE path
+    promises_order: bool = True  #: whether the target promises no loss, disorder or duplicate
+
+
+TARGETS: dict[str, TargetKind] = {
+    "tokenfan": TargetKind("tokenfan", ("-m", "broker.cli", "serve", "--port", "0"), "ws", "/ws"),
+    "websockets": TargetKind("websockets", ("-m", "bench.peers.websockets_peer"), "ws", "/ws"),
+    "picows": TargetKind("picows", ("-m", "bench.peers.picows_peer"), "ws", "/ws"),
+    "trio-websocket": TargetKind("trio-websocket", ("-m", "bench.peers.trio_websocket_peer"), "ws", "/ws"),
+    "sse": TargetKind("sse", ("-m", "bench.peers.sse_peer"), "sse", "/sse"),
+}
 
 
 @dataclass
@@ -40,7 +63,9 @@ class BrokerProcess:
     """A running broker process and how to measure it."""
 
     proc: subprocess.Popen[bytes]
-    port: int
+    kind: TargetKind
+    port: int  #: where subscribers connect
+    emit_port: int  #: where ``POST /api/emit`` goes
 
     @property
     def pid(self) -> int:
@@ -79,18 +104,22 @@ class BrokerProcess:
         return self.proc.returncode
 
 
-def start_tokenfan(*, env: dict[str, str] | None = None, cpu: int = 0,
-                   timeout: float = 30.0) -> BrokerProcess:
-    """Start ``tokenfan serve --port 0`` pinned to ``cpu``; return once it listens."""
+def start_target(name: str, *, env: dict[str, str] | None = None, cpu: int = 0,
+                 timeout: float = 30.0) -> BrokerProcess:
+    """Start target ``name`` on a free port, pinned to ``cpu``; return once it listens.
+
+    tokenfan prints ``tokenfan listening on http://HOST:PORT``; the peers print
+    ``peer listening WS_PORT EMIT_PORT``.
+    """
+    kind = TARGETS[name]
 
     def prepare() -> None:
         pin_to(cpu)
         raise_fd_limit()
 
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.Popen([sys.executable, "-m", "broker.cli", "serve", "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=full_env,
-                            preexec_fn=prepare)
+    proc = subprocess.Popen([sys.executable, *kind.command], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env=full_env, preexec_fn=prepare)
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
     line = b""
@@ -98,9 +127,15 @@ def start_tokenfan(*, env: dict[str, str] | None = None, cpu: int = 0,
         remaining = deadline - time.monotonic()
         if remaining <= 0 or proc.poll() is not None:
             proc.kill()
-            raise RuntimeError(f"broker did not start (said {line!r})")
+            proc.wait()
+            proc.stdout.close()
+            raise RuntimeError(f"{name} did not start (said {line!r})")
         ready, _, _ = select.select([proc.stdout], [], [], remaining)
         if ready:
             line += os.read(proc.stdout.fileno(), 1)
-    port = int(line.decode().strip().rsplit(":", 1)[1])
-    return BrokerProcess(proc, port)
+    words = line.decode().split()
+    if words[0] == "tokenfan":
+        port = emit_port = int(words[-1].rsplit(":", 1)[1])
+    else:
+        port, emit_port = int(words[-2]), int(words[-1])
+    return BrokerProcess(proc, kind, port, emit_port)

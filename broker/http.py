@@ -26,6 +26,7 @@ import h11
 import msgpack
 import trio
 
+from broker.sockio import receive_some
 from protocol import LocalProtocolError, channel_problem, data_problem, event_problem
 
 if TYPE_CHECKING:
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("tokenfan.http")
 
 _MAX_HEAD = 16 * 1024
-_RECV = 64 * 1024
 
 
 class HttpError(Exception):
@@ -191,7 +191,7 @@ class _Reader:
             if event is not h11.NEED_DATA:
                 return event
             await self.flush()
-            data = await self.stream.receive_some(_RECV)
+            data = await receive_some(self.stream.socket.fileno())
             self.conn.receive_data(data)
 
     async def read_body(self, request: h11.Request) -> bytes:

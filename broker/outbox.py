@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import enum
 import os
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -72,7 +71,8 @@ class Outbox:
         self._fd = fd
         self._limit = limit
         self._overflow_frames = overflow_frames
-        self._queue: deque[bytes | memoryview] = deque()
+        # A list, not a deque: an empty deque costs 600 bytes more, on every idle connection.
+        self._queue: list[bytes | memoryview] = []
         self._queued = 0
         self._state = OutboxState.OPEN
         self._lot = trio.lowlevel.ParkingLot()
@@ -153,23 +153,24 @@ class Outbox:
 
     def _write_queued(self) -> None:
         queue = self._queue
-        chunks = list(queue) if len(queue) <= _IOV_MAX else [queue[i] for i in range(_IOV_MAX)]
         try:
-            written = os.writev(self._fd, chunks)
+            written = os.writev(self._fd, queue[:_IOV_MAX])
         except BlockingIOError:
             return
         except OSError:
             self._die()
             return
         self._queued -= written
+        done = 0
         while written:
-            head = queue[0]
+            head = queue[done]
             if written >= len(head):
                 written -= len(head)
-                queue.popleft()
+                done += 1
             else:
-                queue[0] = memoryview(head)[written:]
+                queue[done] = memoryview(head)[written:]
                 written = 0
+        del queue[:done]
 
     def _overflow(self) -> None:
         # Keep the unsent tail of a frame already partly on the wire (a memoryview:

@@ -116,6 +116,7 @@ class Broker:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.hub.run_flusher)
+                nursery.start_soon(self._heartbeat)
                 accept_scope = trio.CancelScope()
                 nursery.start_soon(self._accept_loop, listeners, nursery, accept_scope)
                 self._accepting = True
@@ -135,6 +136,18 @@ class Broker:
             with trio.CancelScope(shield=True):
                 for listener in listeners:
                     await listener.aclose()
+
+    async def _heartbeat(self) -> None:
+        """Every ``ping_interval``: ping each WebSocket client, close the ones gone silent.
+
+        One task for all connections rather than one per connection keeps idle
+        connections cheap.
+        """
+        while True:
+            await trio.sleep(self.config.ping_interval)
+            now = trio.current_time()
+            for connection in list(self.connections):
+                connection.heartbeat(now)
 
     def shutdown(self) -> None:
         """Begin a graceful shutdown; :meth:`serve` returns when it is done."""
@@ -169,7 +182,10 @@ class Broker:
                 connection = WsConnection(self, stream)
                 self.connections.add(connection)
                 try:
-                    await connection.run(upgrade)
+                    accepted = await connection.handshake(upgrade)
+                    del upgrade  # the request head is not needed any more: idle connections stay small
+                    if accepted:
+                        await connection.run()
                 finally:
                     self.connections.discard(connection)
                     if not self.connections and self._shutdown.is_set():

@@ -3,16 +3,17 @@
 Theory of operation
 -------------------
 After :mod:`broker.http` sees an upgrade request, :class:`WsConnection`
-finishes the handshake with wsproto and then runs three things in one nursery:
-the reader (socket → wsproto → :class:`protocol.Decoder` → commands), the
-heartbeat (WebSocket pings, idle timeout) and, in the connection's own task,
-the outbox writer. Every byte sent goes through the :class:`Outbox`.
+finishes the handshake with wsproto and then runs two things in one nursery:
+the reader (socket → wsproto → :class:`protocol.Decoder` → commands) and, in
+the connection's own task, the outbox writer. Every byte sent goes through the
+:class:`Outbox`. The broker's one heartbeat task calls :meth:`heartbeat` on
+every connection (WebSocket pings, idle timeout).
 
 The connection ends when the writer returns: the outbox was closed and
 drained (a ``bye`` was sent), it overflowed (slow consumer), or the socket
-died. The reader and heartbeat end a connection by closing the outbox with a
-``bye`` and a close frame; the writer's deadline (``shutdown_timeout``) bounds
-how long a peer that does not read can keep us waiting.
+died. The reader and the heartbeat end a connection by closing the outbox with
+a ``bye`` and a close frame; the writer's deadline (``shutdown_timeout``)
+bounds how long a peer that does not read can keep us waiting.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from typing import TYPE_CHECKING
 
 import trio
 import wsproto
+import wsproto.connection
 import wsproto.events as wse
 from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
 
 import protocol as p
 from broker.outbox import Outbox, OutboxState, OutboxStatistics
+from broker.sockio import receive_some
 
 if TYPE_CHECKING:
     from broker.http import Upgrade
@@ -36,7 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tokenfan.ws")
 
-_RECV = 64 * 1024
 SERVER_NAME = "tokenfan/0.1.0"
 
 
@@ -56,21 +58,32 @@ class ConnectionStatistics:
 
 
 class WsConnection:
-    """A connected WebSocket client. Created and run by the broker."""
+    """A connected WebSocket client. Created and run by the broker.
+
+    Memory per idle connection matters (tens of thousands of watchers), so the
+    object keeps only what the connection needs after its handshake: two tasks
+    (this one, which writes, and the reader), wsproto's frame parser, an
+    outbox and a decoder that holds no buffer while idle. The broker's single
+    heartbeat task pings every connection and enforces the idle timeout.
+    """
+
+    __slots__ = ("_last_heard", "_message", "_writer_scope", "broker", "close_code", "decoder",
+                 "fd", "frames_received", "outbox", "stream", "subscriptions", "ws")
 
     def __init__(self, broker: Broker, stream: trio.SocketStream) -> None:
         self.broker = broker
         self.stream = stream
+        self.fd = stream.socket.fileno()
         config = broker.config
         self.outbox = Outbox(
-            stream.socket.fileno(), limit=config.outbox_limit,
+            self.fd, limit=config.outbox_limit,
             overflow_frames=bye_frames(p.Code.SLOW_CONSUMER, "send buffer full: reading too slowly"),
             on_overflow=self._on_overflow,
         )
         self.subscriptions: set[str] = set()
         self.decoder = p.Decoder(peer=p.Peer.CLIENT,
                                  limits=p.Limits(max_frame_size=config.max_frame_size))
-        self.ws = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
+        self.ws: wsproto.connection.Connection | None = None  # set by the handshake
         self.frames_received = 0
         self._message = bytearray()
         self._last_heard = trio.current_time()
@@ -83,14 +96,11 @@ class WsConnection:
 
     # -- lifecycle ------------------------------------------------------------
 
-    async def run(self, upgrade: Upgrade) -> None:
-        """Finish the handshake and serve the client until the connection ends."""
-        if not await self._handshake(upgrade):
-            return
+    async def run(self) -> None:
+        """Serve the client, after a successful :meth:`handshake`, until the connection ends."""
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._reader)
-                nursery.start_soon(self._heartbeat)
                 with self._writer_scope:
                     await self.outbox.run_writer()
                 nursery.cancel_scope.cancel()
@@ -105,35 +115,49 @@ class WsConnection:
             return
         self.close_code = code
         self.outbox.close(bye_frames(code, msg))
+        self._limit_linger()
+
+    def heartbeat(self, now: float) -> None:
+        """Called by the broker every ``ping_interval``: ping, or close if the client went silent."""
+        silent = now - self._last_heard
+        if silent >= self.broker.config.idle_timeout:
+            self.close(p.Code.IDLE_TIMEOUT, f"nothing heard for {silent:.0f}s")
+        elif self.ws is not None:
+            self.outbox.offer(self.ws.send(wse.Ping(payload=b"tf")))
+
+    def _limit_linger(self) -> None:
+        """Give the writer at most ``shutdown_timeout`` more to flush the last bytes."""
         self._writer_scope.deadline = min(self._writer_scope.deadline,
                                           trio.current_time() + self.broker.config.shutdown_timeout)
 
     def _on_overflow(self) -> None:
         self.close_code = p.Code.SLOW_CONSUMER
         self.broker.count_slow_disconnect()
-        self._writer_scope.deadline = min(self._writer_scope.deadline,
-                                          trio.current_time() + self.broker.config.shutdown_timeout)
+        self._limit_linger()
 
-    async def _handshake(self, upgrade: Upgrade) -> bool:
+    async def handshake(self, upgrade: Upgrade) -> bool:
+        """Accept the WebSocket upgrade; False if it was refused (and answered) or the broker is full."""
         request = upgrade.request
+        handshake = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
         try:
-            self.ws.initiate_upgrade_connection(list(request.headers), request.target)
-            events = list(self.ws.events())
+            handshake.initiate_upgrade_connection(list(request.headers), request.target)
+            events = list(handshake.events())
         except WsRemoteProtocolError as exc:
             await self._reject(400, f"bad WebSocket handshake: {exc}")
             return False
         if not events or not isinstance(events[0], wse.Request):
             await self._reject(400, "bad WebSocket handshake")
             return False
-        reply = self.ws.send(wse.AcceptConnection())
+        reply = handshake.send(wse.AcceptConnection())
+        # Keep only the frame-level connection; the handshake machinery can go.
+        self.ws = handshake.connection
+        self.outbox.offer(reply)
         if self.broker.at_connection_limit():
             # Accept, then say why we close: clients see a documented code, not a reset.
-            self.outbox.offer(reply)
             self.close(p.Code.TOO_MANY_CONNECTIONS, "server is at its connection limit")
             with self._writer_scope:
                 await self.outbox.run_writer()
             return False
-        self.outbox.offer(reply)
         if upgrade.trailing:
             self._receive(upgrade.trailing)
         return True
@@ -149,28 +173,22 @@ class WsConnection:
 
     async def _reader(self) -> None:
         while self.outbox.state is OutboxState.OPEN:
-            try:
-                data = await self.stream.socket.recv(_RECV)
-            except OSError:
-                data = b""
+            data = await receive_some(self.fd)
             if not data:
                 self.outbox.abort()
                 return
             self._last_heard = trio.current_time()
             self._receive(data)
         # Closing: keep reading (and discarding) so the peer's close frame is consumed.
-        while True:
-            try:
-                data = await self.stream.socket.recv(_RECV)
-            except OSError:
-                return
-            if not data:
-                return
+        while await receive_some(self.fd):
+            pass
 
     def _receive(self, data: bytes) -> None:
+        ws = self.ws
+        assert ws is not None
         try:
-            self.ws.receive_data(data)
-            for event in self.ws.events():
+            ws.receive_data(data)
+            for event in ws.events():
                 self._on_ws_event(event)
                 if self.outbox.state is not OutboxState.OPEN:
                     return
@@ -191,12 +209,13 @@ class WsConnection:
         elif isinstance(event, wse.TextMessage):
             self.close(p.Code.BAD_FRAME, "text messages are not part of the protocol: send binary msgpack")
         elif isinstance(event, wse.Ping):
+            assert self.ws is not None
             self.outbox.offer(self.ws.send(event.response()))
         elif isinstance(event, wse.CloseConnection):
+            assert self.ws is not None
             self.close_code = None
             self.outbox.close(self.ws.send(event.response()))
-            self._writer_scope.deadline = min(self._writer_scope.deadline,
-                                              trio.current_time() + self.broker.config.shutdown_timeout)
+            self._limit_linger()
 
     def _on_message(self, message: bytes) -> None:
         decoder = self.decoder
@@ -256,18 +275,6 @@ class WsConnection:
         if isinstance(frame, p.Hello):
             return p.Ok(id=frame.id, server=SERVER_NAME)
         raise AssertionError(f"unhandled client frame {frame!r}")  # pragma: no cover
-
-    # -- heartbeat ----------------------------------------------------------------
-
-    async def _heartbeat(self) -> None:
-        config = self.broker.config
-        while True:
-            await trio.sleep(config.ping_interval)
-            silent = trio.current_time() - self._last_heard
-            if silent >= config.idle_timeout:
-                self.close(p.Code.IDLE_TIMEOUT, f"nothing heard for {silent:.0f}s")
-                return
-            self.outbox.offer(self.ws.send(wse.Ping(payload=b"tf")))
 
     def __repr__(self) -> str:
         return f"<WsConnection subscriptions={len(self.subscriptions)} {self.outbox.state.value}>"
