@@ -154,7 +154,8 @@ def _table(results: list[dict[str, Any]], scenario: str) -> list[str]:
             f"| {name} | {_fmt(r['subscribers'])} | {_fmt(r['tokens'])} | {'yes' if r['ok'] else '**no**'} "
             f"| {_fmt(r.get('delivered'))} | {_fmt(r.get('lost'))} | {_fmt(r.get('deliveries_per_s'))} "
             f"| {_fmt(r.get('deliveries_per_cpu_s'))} | {_fmt(lat.get('p50'))} | {_fmt(lat.get('p99'))} "
-            f"| {_fmt(lat.get('max'))} | {_fmt(r.get('broker_rss_mib'))} | {_fmt(r.get('rss_per_conn_kib'))} |")
+            f"| {_fmt(lat.get('max'))} | {_fmt(r.get('broker_rss_mib'))} "
+            f"| {_fmt(r.get('rss_per_conn_kib'))} |")
     return [*lines, ""]
 
 
@@ -194,8 +195,8 @@ def targets_check(results: list[dict[str, Any]], plan: Plan) -> list[tuple[str, 
     add(f"paced 50/s, {plan.paced_subs:,} subscribers: ≥ 1.5× websockets per CPU-second", ratio,
         bool(ratio and ratio >= 1.5), "×")
     value = p99(paced)
-    add(f"paced 50/s, {plan.paced_subs:,} subscribers: p99 ≤ 15 ms", value, bool(value is not None and value <= 15),
-        " ms")
+    add(f"paced 50/s, {plan.paced_subs:,} subscribers: p99 ≤ 15 ms", value,
+        bool(value is not None and value <= 15), " ms")
     ratio = _ratio(p99(paced), p99(paced_ws))
     add(f"paced 50/s, {plan.paced_subs:,} subscribers: p99 ≤ 0.5× websockets", ratio,
         bool(ratio is not None and ratio <= 0.5), "×")
@@ -213,7 +214,8 @@ def targets_check(results: list[dict[str, Any]], plan: Plan) -> list[tuple[str, 
 def report(results: list[dict[str, Any]], *, quick: bool, elapsed: float) -> str:
     plan = QUICK if quick else FULL
     lines = ["# tokenfan benchmark report", "",
-             f"`python -m bench compare{' --quick' if quick else ''}` — {len(results)} runs in {elapsed:.0f} s. "
+             f"`python -m bench compare{' --quick' if quick else ''}` — {len(results)} runs "
+             f"in {elapsed:.0f} s. "
              "Broker pinned to core 0, swarm and emitter on core 1; see docs/benchmarks.md for the method.",
              "", "## tokenfan's targets", "", "| target | measured | met |", "|---|---|---|"]
     for what, shown, met in targets_check(results, plan):

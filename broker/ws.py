@@ -137,10 +137,9 @@ class WsConnection:
 
     async def handshake(self, upgrade: Upgrade) -> bool:
         """Accept the WebSocket upgrade; False if it was refused (and answered) or the broker is full."""
-        request = upgrade.request
         handshake = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
         try:
-            handshake.initiate_upgrade_connection(list(request.headers), request.target)
+            handshake.initiate_upgrade_connection(upgrade.head.header_list(), upgrade.head.target)
             events = list(handshake.events())
         except WsRemoteProtocolError as exc:
             await self._reject(400, f"bad WebSocket handshake: {exc}")

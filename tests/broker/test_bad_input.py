@@ -252,3 +252,36 @@ async def test_pipelined_requests_are_answered_in_order(broker: Broker) -> None:
             while data.count(b'"ok":true') < 5:
                 data += await stream.receive_some(65536)
     assert data.count(b"HTTP/1.1 200") == 5
+
+
+async def test_chunked_emit_with_expect_continue(broker: Broker) -> None:
+    body = json.dumps({"channel": "ai-chat/c", "event": "ai:token", "data": {"token": "x" * 2000}}).encode()
+    parts = (body[:1000], body[1000:])
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in parts) + b"0\r\n\r\n"
+    stream = await trio.open_tcp_stream("127.0.0.1", broker.port or 0)
+    async with stream, connect(ws_url(broker)) as client:
+        sub = await client.subscribe("ai-chat/c")
+        await stream.send_all(b"POST /api/emit HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                              b"Transfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n")
+        with trio.fail_after(5):
+            interim = await stream.receive_some(1000)
+            assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+            await stream.send_all(chunked)
+            reply = b""
+            while b'"ok":true' not in reply:
+                reply += await stream.receive_some(1000)
+            event = await sub.__anext__()
+    assert reply.startswith(b"HTTP/1.1 200 OK")
+    assert event.data == {"token": "x" * 2000}
+
+
+async def test_head_request_gets_headers_only(broker: Broker) -> None:
+    stream = await trio.open_tcp_stream("127.0.0.1", broker.port or 0)
+    async with stream:
+        await stream.send_all(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some(1000):
+                data += chunk
+    assert data.startswith(b"HTTP/1.1 200 OK")
+    assert data.endswith(b"\r\n\r\n")

@@ -72,7 +72,8 @@ async def collect(sub: Subscription, count: int, into: list[Event]) -> None:
 
 
 async def test_slow_consumer_is_cut_off_while_200_others_get_everything(start_broker: StartBroker) -> None:
-    broker = await start_broker(outbox_limit=16 * 1024)
+    # The slow client reads only at the end: give its last bytes time to wait for it.
+    broker = await start_broker(outbox_limit=16 * 1024, shutdown_timeout=60)
     channel = "ai-chat/slow"
     slow = await RawClient.open(broker, rcvbuf=4096)
     await slow.command(p.Sub(id=1, ch=channel))
