@@ -3,7 +3,7 @@
     python -m bench run SCENARIO --target T [--subscribers N] [--tokens M] [--rate R] [--json FILE]
     python -m bench compare [--quick] --out DIR
 
-Scenarios: burst, paced, slow, channels, idle. Targets: tokenfan, websockets,
+Scenarios: burst, paced, slow, channels, churn, idle. Targets: tokenfan, websockets,
 picows, trio-websocket, sse.
 """
 
@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-batching", action="store_true", help="tokenfan: one token per write")
     run.add_argument("--slow-share", type=float, default=0.0, help="share of subscribers that pause")
     run.add_argument("--slow-ms", type=float, default=0.0, help="how long they pause, in ms")
+    run.add_argument("--churn", type=float, default=0.0,
+                     help="subscribers per second that leave and are replaced mid-stream")
     run.add_argument("--time-limit", type=_positive(float), default=120.0)
     run.add_argument("--json", help="append the result as one JSON line to this file")
 
@@ -63,12 +65,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"unknown target(s): {', '.join(unknown)}", file=sys.stderr)
             return 2
         return compare(Path(args.out), quick=args.quick, targets=targets)
-    if args.scenario == "paced" and args.rate is None:
+    if args.scenario in ("paced", "slow", "churn") and args.rate is None:
         args.rate = 50.0
+    if args.scenario == "churn" and not args.churn:
+        args.churn = 100.0
     params = scenarios.Params(
         scenario=args.scenario, target=args.target, subscribers=args.subscribers, tokens=args.tokens,
         rate=args.rate, channels=args.channels, batching=not args.no_batching,
-        slow_share=args.slow_share, slow_ms=args.slow_ms, time_limit=args.time_limit)
+        slow_share=args.slow_share, slow_ms=args.slow_ms, churn=args.churn, time_limit=args.time_limit)
     with ProgressBar(f"{args.scenario}/{args.target}") as bar:
         result = scenarios.SCENARIOS[args.scenario](params, bar.update)
     line = json.dumps({k: v for k, v in result.items() if k != "latency_cdf_ms"})

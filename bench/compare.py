@@ -64,6 +64,9 @@ def runs(plan: Plan, targets: list[str]) -> Iterator[Params]:
         yield Params(scenario="slow", target=target, subscribers=plan.slow_subs, tokens=plan.paced_tokens,
                      rate=50.0, slow_share=0.1, slow_ms=1000, time_limit=60)
     for target in targets:
+        yield Params(scenario="churn", target=target, subscribers=plan.slow_subs, tokens=plan.paced_tokens,
+                     rate=50.0, churn=100.0, time_limit=60)
+    for target in targets:
         yield Params(scenario="channels", target=target, subscribers=plan.channel_subs,
                      channels=plan.channels, tokens=plan.channel_tokens, time_limit=60)
     for size in plan.idle_sizes:
@@ -221,7 +224,7 @@ def report(results: list[dict[str, Any]], *, quick: bool, elapsed: float) -> str
     for what, shown, met in targets_check(results, plan):
         lines.append(f"| {what} | {shown} | {'–' if met is None else 'yes' if met else '**no**'} |")
     lines += ["", "## Results", ""]
-    for scenario in ("burst", "paced", "slow", "channels", "idle"):
+    for scenario in ("burst", "paced", "slow", "churn", "channels", "idle"):
         lines += _table(results, scenario)
     lines += ["![latency CDF](latency_cdf.png)", "", "![deliveries per CPU-second](deliveries_per_cpu_s.png)",
               ""]

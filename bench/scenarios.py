@@ -35,6 +35,7 @@ class Params:
     window: int = 64  #: emit requests in flight when unpaced
     slow_share: float = 0.0
     slow_ms: float = 0.0
+    churn: float = 0.0  #: subscribers per second that leave and are replaced mid-stream
     time_limit: float = 120.0
 
 
@@ -57,11 +58,12 @@ def run(params: Params, progress: Progress | None = None) -> dict[str, Any]:
     emitter: HttpEmitter | None = None
     try:
         broker = start_target(params.target, env=_target_env(params), cpu=0)
+        base_rss = broker.rss_mib()
         channels = [f"bench/ch-{i}" for i in range(params.channels)]
         spec = SwarmSpec(host=HOST, port=broker.port, mode=broker.kind.mode, path=broker.kind.path,
                          subscribers=params.subscribers, channels=params.channels, prefix="bench/ch-",
                          tokens=params.tokens, timeout=params.time_limit, slow_share=params.slow_share,
-                         slow_ms=params.slow_ms)
+                         slow_ms=params.slow_ms, churn=params.churn)
         swarm = CSwarm(spec)
         swarm.wait_ready(timeout=min(params.time_limit, 300))
         connected_rss = broker.rss_mib()
@@ -88,7 +90,8 @@ def run(params: Params, progress: Progress | None = None) -> dict[str, Any]:
         wall = time.monotonic() - wall0
         cpu = broker.cpu_seconds() - cpu0
         result = swarm.finish(timeout=30, stop=True)
-        return _summarize(params, broker, result, cpu=cpu, wall=wall, connected_rss=connected_rss,
+        return _summarize(params, broker, result, cpu=cpu, wall=wall,
+                          rss_per_conn_kib=(connected_rss - base_rss) * 1024 / params.subscribers,
                           emit_errors=emitter.errors)
     finally:
         if emitter is not None:
@@ -135,8 +138,9 @@ def idle(params: Params, progress: Progress | None = None) -> dict[str, Any]:
 
 
 def _summarize(params: Params, broker: BrokerProcess, swarm: dict[str, Any], *, cpu: float, wall: float,
-               connected_rss: float, emit_errors: int) -> dict[str, Any]:
-    expected = params.subscribers * params.tokens
+               rss_per_conn_kib: float, emit_errors: int) -> dict[str, Any]:
+    # The swarm knows what each subscription should have seen (churn changes it).
+    expected = int(swarm.get("expected", params.subscribers * params.tokens))
     delivered = int(swarm["delivered"])
     lost = expected - delivered
     disorder = int(swarm["out_of_order"])
@@ -149,16 +153,17 @@ def _summarize(params: Params, broker: BrokerProcess, swarm: dict[str, Any], *, 
         "batching": params.batching if params.target == "tokenfan" else None,
         "expected": expected, "delivered": delivered, "lost": lost, "out_of_order": disorder,
         "duplicates": duplicates, "disconnected": int(swarm["disconnected"]), "emit_errors": emit_errors,
+        "churned": int(swarm.get("churned", 0)),
         "ok": not failed,
         "deliveries_per_s": None if failed else round(delivered / wall),
         "deliveries_per_cpu_s": None if failed or cpu <= 0 else round(delivered / cpu),
         "broker_cpu_s": round(cpu, 3), "wall_s": round(wall, 3),
         "latency_ms": swarm["latency_ms"], "latency_cdf_ms": swarm["cdf"],
         "broker_rss_mib": round(broker.peak_rss_mib(), 1),
-        "rss_per_conn_kib": round(connected_rss * 1024 / params.subscribers, 2),
+        "rss_per_conn_kib": round(rss_per_conn_kib, 2),
     }
 
 
 SCENARIOS: dict[str, Callable[[Params, Progress | None], dict[str, Any]]] = {
-    "burst": run, "paced": run, "slow": run, "channels": run, "idle": idle,
+    "burst": run, "paced": run, "slow": run, "channels": run, "churn": run, "idle": idle,
 }

@@ -68,10 +68,6 @@ class RequestHead:
     def is_websocket_upgrade(self) -> bool:
         return "websocket" in self.headers.get("upgrade", "").lower()
 
-    def header_list(self) -> list[tuple[bytes, bytes]]:
-        """Headers as (name, value) bytes pairs, the form wsproto's handshake takes."""
-        return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
-
 
 @dataclass(frozen=True, slots=True)
 class Request:

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 After :mod:`broker.http` sees an upgrade request, :class:`WsConnection`
-finishes the handshake with wsproto and then runs two things in one nursery:
+checks it and answers 101 itself, then runs two things in one nursery:
 the reader (socket → wsproto → :class:`protocol.Decoder` → commands) and, in
 the connection's own task, the outbox writer. Every byte sent goes through the
 :class:`Outbox`. The broker's one heartbeat task calls :meth:`heartbeat` on
@@ -18,6 +18,8 @@ bounds how long a peer that does not read can keep us waiting.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ import wsproto
 import wsproto.connection
 import wsproto.events as wse
 from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
+from wsproto.utilities import generate_accept_token
 
 import protocol as p
 from broker.outbox import Outbox, OutboxState, OutboxStatistics
@@ -35,6 +38,7 @@ from broker.sockio import receive_some
 
 if TYPE_CHECKING:
     from broker.http import Upgrade
+    from broker.httpwire import RequestHead
     from broker.server import Broker
 
 log = logging.getLogger("tokenfan.ws")
@@ -46,6 +50,29 @@ def bye_frames(code: p.Code, msg: str) -> bytes:
     """The ``bye`` frame and the WebSocket close frame that follows it, as one write."""
     bye = p.encode(p.Bye(code=code, msg=msg, reconnect=code.reconnect))
     return p.ws_frame(bye) + p.ws_close_frame(code, msg)
+
+
+def handshake_problem(head: RequestHead) -> str | None:
+    """What is wrong with a WebSocket upgrade request (RFC 6455 §4.2.1), or None.
+
+    Done here rather than with wsproto's handshake, which runs a second HTTP
+    parser (h11) for every new connection.
+    """
+    headers = head.headers
+    if head.method != "GET":
+        return f"the method must be GET, not {head.method}"
+    if "upgrade" not in {t.strip().lower() for t in headers.get("connection", "").split(",")}:
+        return "the Connection header must include 'upgrade'"
+    if headers.get("sec-websocket-version", "").strip() != "13":
+        return "Sec-WebSocket-Version must be 13"
+    key = headers.get("sec-websocket-key", "").strip()
+    try:
+        valid = len(base64.b64decode(key, validate=True)) == 16
+    except (ValueError, binascii.Error):
+        valid = False
+    if not valid:
+        return "Sec-WebSocket-Key must be 16 bytes in base64"
+    return None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -137,20 +164,15 @@ class WsConnection:
 
     async def handshake(self, upgrade: Upgrade) -> bool:
         """Accept the WebSocket upgrade; False if it was refused (and answered) or the broker is full."""
-        handshake = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
-        try:
-            handshake.initiate_upgrade_connection(upgrade.head.header_list(), upgrade.head.target)
-            events = list(handshake.events())
-        except WsRemoteProtocolError as exc:
-            await self._reject(400, f"bad WebSocket handshake: {exc}")
+        problem = handshake_problem(upgrade.head)
+        if problem is not None:
+            await self._reject(400, f"bad WebSocket handshake: {problem}")
             return False
-        if not events or not isinstance(events[0], wse.Request):
-            await self._reject(400, "bad WebSocket handshake")
-            return False
-        reply = handshake.send(wse.AcceptConnection())
-        # Keep only the frame-level connection; the handshake machinery can go.
-        self.ws = handshake.connection
-        self.outbox.offer(reply)
+        key = upgrade.head.headers["sec-websocket-key"].encode("ascii")
+        self.ws = wsproto.connection.Connection(wsproto.ConnectionType.SERVER)
+        self.outbox.offer(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                          b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
+                          + generate_accept_token(key) + b"\r\n\r\n")
         if self.broker.at_connection_limit():
             # Accept, then say why we close: clients see a documented code, not a reset.
             self.close(p.Code.TOO_MANY_CONNECTIONS, "server is at its connection limit")

@@ -63,6 +63,7 @@ class SwarmSpec:
     slow_share: float = 0.0  #: share of subscribers that pause reading after their first event
     slow_ms: float = 0.0
     rcvbuf: int = 0  #: SO_RCVBUF for each subscriber socket (0: the kernel's default)
+    churn: float = 0.0  #: subscribers per second that leave and are replaced while the stream runs
 
 
 class CSwarm:
@@ -72,7 +73,7 @@ class CSwarm:
         binary = build()
         args = [str(binary), spec.host, str(spec.port), spec.mode, spec.path, str(spec.subscribers),
                 str(spec.channels), spec.prefix, str(spec.tokens), str(spec.timeout), str(spec.slow_share),
-                str(spec.slow_ms), str(spec.rcvbuf)]
+                str(spec.slow_ms), str(spec.rcvbuf), str(spec.churn)]
         def prepare() -> None:
             if cpu is not None:
                 pin_to(cpu)

@@ -13,8 +13,10 @@
  *   sse: GET PATH?ch=CH; the server answers 200 text/event-stream, then a line
  *        `data: {"t":"ok","o":TOP}` and one `data: {"t":"ev",...,"o":N,...}` line per event.
  *
- * Usage: swarm HOST PORT MODE PATH SUBS CHANNELS PREFIX TOKENS TIMEOUT_S SLOW_SHARE SLOW_MS RCVBUF
+ * Usage: swarm HOST PORT MODE PATH SUBS CHANNELS PREFIX TOKENS TIMEOUT_S SLOW_SHARE SLOW_MS RCVBUF [CHURN]
  *   subscriber i subscribes to channel PREFIX<i % CHANNELS>; TOKENS events are expected on each.
+ *   CHURN (per second): while the stream runs, that many subscribers a second leave and are
+ *   replaced by a new subscriber to the same channel, who expects everything after its ok.
  *   It prints "READY n" once every subscriber is subscribed, runs until every subscriber
  *   has its TOKENS events, TIMEOUT_S passes, or a line arrives on stdin, then prints one
  *   JSON object with the counts and latency quantiles.
@@ -41,6 +43,7 @@ typedef struct {
     unsigned char *buf;
     size_t len, cap;
     uint64_t next;        /* offset the next event must carry */
+    uint64_t start;       /* top offset its ok reported */
     uint64_t delivered, lost, ooo, dups;
     int closed, slow, paused, got_ok;
     double resume_at;
@@ -203,7 +206,7 @@ static long parse_frame(sub_t *s, const unsigned char *p, size_t len, double t) 
         } else if (mp_skip(&r, 0)) return -1;
     }
     if (!strcmp(type, "ev")) on_event(s, o, o0 == UINT64_MAX ? o : o0, ts, t);
-    else if (!strcmp(type, "ok") && !s->got_ok) { s->got_ok = 1; s->next = o + 1; }
+    else if (!strcmp(type, "ok") && !s->got_ok) { s->got_ok = 1; s->next = o + 1; s->start = o; }
     return r.p - p;
 }
 
@@ -332,7 +335,7 @@ static void consume(int ep, sub_t *s, double t) {
                 if ((q = strstr(line, "\"o0\":"))) o0 = strtoull(q + 5, NULL, 10);
                 if ((q = strstr(line, "\"ts\":"))) ts = strtod(q + 5, NULL);
                 if (strstr(line, "\"t\":\"ev\"") || strstr(line, "\"t\": \"ev\"")) on_event(s, o, o0, ts, t);
-                else if (!s->got_ok) { s->got_ok = 1; s->next = o + 1; }
+                else if (!s->got_ok) { s->got_ok = 1; s->next = o + 1; s->start = o; }
             }
             pos += n + 1;
         }
@@ -373,8 +376,8 @@ static int cmp_double(const void *a, const void *b) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 13) {
-        fprintf(stderr, "usage: swarm HOST PORT MODE PATH SUBS CHANNELS PREFIX TOKENS TIMEOUT_S SLOW_SHARE SLOW_MS RCVBUF\n");
+    if (argc != 13 && argc != 14) {
+        fprintf(stderr, "usage: swarm HOST PORT MODE PATH SUBS CHANNELS PREFIX TOKENS TIMEOUT_S SLOW_SHARE SLOW_MS RCVBUF [CHURN]\n");
         return 2;
     }
     host = argv[1];
@@ -386,6 +389,8 @@ int main(int argc, char **argv) {
     uint64_t tokens = strtoull(argv[8], NULL, 10);
     double timeout = atof(argv[9]), slow_share = atof(argv[10]), slow_ms = atof(argv[11]);
     int rcvbuf = atoi(argv[12]);
+    double churn = argc == 14 ? atof(argv[13]) : 0;
+    uint64_t left_delivered = 0, left_lost = 0, left_ooo = 0, left_dups = 0, churned = 0;
     if (nsubs < 1 || nch < 1) { fprintf(stderr, "swarm: SUBS and CHANNELS must be positive\n"); return 2; }
 
     sub_t *subs = calloc(nsubs, sizeof(sub_t));
@@ -429,6 +434,8 @@ int main(int argc, char **argv) {
     epoll_ctl(ep, EPOLL_CTL_ADD, 0, &in);
 
     double deadline = now_s() + timeout;
+    double next_churn = churn > 0 ? now_s() + 1.0 / churn : 0;
+    int churn_index = 0;
     int stop = 0;
     while (!stop && now_s() < deadline) {
         struct epoll_event evs[512];
@@ -453,6 +460,26 @@ int main(int argc, char **argv) {
                 epoll_ctl(ep, EPOLL_CTL_DEL, s->fd, NULL);
             }
         }
+        if (churn > 0 && t >= next_churn) {
+            /* One subscriber leaves; a new one takes its place on the same channel. */
+            next_churn += 1.0 / churn;
+            int j = churn_index++ % nsubs;
+            sub_t *s = &subs[j];
+            if (!s->closed && !s->paused && !s->slow && s->delivered > 0 && s->next <= tokens) {
+                left_delivered += s->delivered; left_lost += s->lost; left_ooo += s->ooo; left_dups += s->dups;
+                epoll_ctl(ep, EPOLL_CTL_DEL, s->fd, NULL);
+                close(s->fd);
+                free(s->buf);
+                memset(s, 0, sizeof *s);
+                char ch[256];
+                snprintf(ch, sizeof ch, "%s%d", prefix, j % nch);
+                if (open_sub(s, sse, path, ch, rcvbuf) < 0) { fprintf(stderr, "swarm: churn reconnect failed\n"); return 1; }
+                struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)j};
+                epoll_ctl(ep, EPOLL_CTL_ADD, s->fd, &ev);
+                consume(ep, s, now_s());
+                churned++;
+            }
+        }
         int done = 1;
         for (int i = 0; i < nsubs; i++) {
             sub_t *s = &subs[i];
@@ -461,19 +488,24 @@ int main(int argc, char **argv) {
                 struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)i};
                 if (!s->closed) epoll_ctl(ep, EPOLL_CTL_ADD, s->fd, &ev);
             }
-            if (!s->closed && s->next <= tokens) done = 0;
+            if (!s->closed && (!s->got_ok || s->next <= tokens)) done = 0;
         }
         if (done && tokens > 0) stop = 1;
     }
-    uint64_t delivered = 0, lost = 0, ooo = 0, dups = 0;
+    /* What each subscription should have got: everything after its ok, to the end; a
+       subscription that left should have got what it got (its gaps are counted as lost). */
+    uint64_t delivered = left_delivered, lost = left_lost, ooo = left_ooo, dups = left_dups;
+    uint64_t expected = left_delivered + left_lost;
     for (int i = 0; i < nsubs; i++) {
         delivered += subs[i].delivered; lost += subs[i].lost; ooo += subs[i].ooo; dups += subs[i].dups;
+        expected += tokens > subs[i].start ? tokens - subs[i].start : 0;
     }
     qsort(lat, nlat, sizeof(double), cmp_double);
 #define Q(q) (nlat ? lat[(size_t)((q) * (nlat - 1))] : -1.0)
-    printf("{\"delivered\": %llu, \"lost_gaps\": %llu, \"out_of_order\": %llu, \"duplicates\": %llu, "
+    printf("{\"expected\": %llu, \"churned\": %llu, \"delivered\": %llu, \"lost_gaps\": %llu, \"out_of_order\": %llu, \"duplicates\": %llu, "
            "\"disconnected\": %llu, \"samples\": %zu, \"latency_ms\": {\"p50\": %.3f, \"p90\": %.3f, "
            "\"p99\": %.3f, \"p999\": %.3f, \"max\": %.3f}, \"cdf\": [",
+           (unsigned long long)expected, (unsigned long long)churned,
            (unsigned long long)delivered, (unsigned long long)lost, (unsigned long long)ooo,
            (unsigned long long)dups, (unsigned long long)disconnected, nlat,
            Q(0.5), Q(0.9), Q(0.99), Q(0.999), nlat ? lat[nlat - 1] : -1.0);

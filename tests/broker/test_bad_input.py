@@ -285,3 +285,20 @@ async def test_head_request_gets_headers_only(broker: Broker) -> None:
                 data += chunk
     assert data.startswith(b"HTTP/1.1 200 OK")
     assert data.endswith(b"\r\n\r\n")
+
+
+async def test_bad_websocket_handshakes_get_400(broker: Broker) -> None:
+    base = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+    key = "Sec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==\r\n"
+    cases = [
+        (base + "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n", "Sec-WebSocket-Key must be"),
+        (base + "Connection: Upgrade\r\nSec-WebSocket-Version: 8\r\n" + key + "\r\n",
+         "Sec-WebSocket-Version must be 13"),
+        (base + "Connection: keep-alive\r\nSec-WebSocket-Version: 13\r\n" + key + "\r\n",
+         "must include 'upgrade'"),
+    ]
+    for raw, fragment in cases:
+        status, _, body = await http(broker, raw.encode())
+        assert status == 400
+        assert fragment in json.loads(body)["error"]
+    await still_serving(broker)
