@@ -72,7 +72,20 @@ class BrokerProcess:
         return self.proc.pid
 
     def cpu_seconds(self) -> float:
-        """User plus system CPU time the process has used so far."""
+        """CPU time the process has used so far (every thread).
+
+        ``/proc/PID/task/*/schedstat`` counts nanoseconds on the CPU; ``/proc/PID/stat``
+        (clock ticks, 10 ms) is the fallback where scheduler statistics are off.
+        """
+        try:
+            total = 0
+            for task in os.listdir(f"/proc/{self.pid}/task"):
+                with open(f"/proc/{self.pid}/task/{task}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            if total:
+                return total / 1e9
+        except (OSError, ValueError, IndexError):
+            pass
         with open(f"/proc/{self.pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / _CLK_TCK
