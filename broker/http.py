@@ -229,30 +229,33 @@ async def serve_http(broker: Broker, stream: trio.SocketStream) -> Upgrade | Non
 
 
 async def _serve(broker: Broker, conn: _Connection) -> Upgrade | None:
-    config = broker.config
-    while True:
-        try:
-            # A whole request, head and body, must arrive within the handshake timeout
-            # (and an idle keep-alive connection is closed after it).
-            with trio.fail_after(config.handshake_timeout):
-                request = await conn.next_request()
-        except trio.TooSlowError:
-            if not conn.reader.idle:
-                conn.out.append(error_response(408, "request took too long to arrive", close=True))
-            return None
-        if request is None:
-            return None
-        head = request.head
-        if head.is_websocket_upgrade:
-            if head.path != "/ws":
-                raise HttpError(404, f"WebSocket endpoint is /ws, not {head.path[:200]!r}")
-            if request.body:
-                raise HttpError(400, "a WebSocket upgrade request must not have a body")
-            await conn.flush()
-            return Upgrade(head, conn.reader.buffered)
-        try:
-            conn.out.append(route(broker, request))
-        except ApiError as exc:
-            conn.out.append(error_response(exc.status, exc.message, headers=exc.headers))
-        if not head.keep_alive:
-            return None
+    timeout = broker.config.handshake_timeout
+    # One cancel scope for the connection, its deadline moved at the start of each
+    # request: a whole request, head and body, must arrive within the handshake
+    # timeout, and an idle keep-alive connection is closed after it. (A scope per
+    # request cost a quarter of the CPU of a pipelined emit.)
+    with trio.CancelScope() as deadline:
+        while True:
+            if conn.reader.idle:
+                deadline.deadline = trio.current_time() + timeout
+            request = await conn.next_request()
+            if request is None:
+                return None
+            head = request.head
+            if head.is_websocket_upgrade:
+                if head.path != "/ws":
+                    raise HttpError(404, f"WebSocket endpoint is /ws, not {head.path[:200]!r}")
+                if request.body:
+                    raise HttpError(400, "a WebSocket upgrade request must not have a body")
+                await conn.flush()
+                return Upgrade(head, conn.reader.buffered)
+            try:
+                conn.out.append(route(broker, request))
+            except ApiError as exc:
+                conn.out.append(error_response(exc.status, exc.message, headers=exc.headers))
+            if not head.keep_alive:
+                return None
+    # Only the deadline gets here.
+    if not conn.reader.idle:
+        conn.out.append(error_response(408, "request took too long to arrive", close=True))
+    return None

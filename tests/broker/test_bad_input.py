@@ -8,6 +8,7 @@ from typing import Any
 
 import msgpack
 import trio
+import trio.testing
 import trio_websocket
 
 import protocol as p
@@ -302,3 +303,30 @@ async def test_bad_websocket_handshakes_get_400(broker: Broker) -> None:
         assert status == 400
         assert fragment in json.loads(body)["error"]
     await still_serving(broker)
+
+
+async def test_slow_request_gets_408(start_broker: StartBroker,
+                                     autojump_clock: trio.testing.MockClock) -> None:
+    broker = await start_broker(handshake_timeout=10)
+    stream = await trio.open_tcp_stream("127.0.0.1", broker.port or 0)
+    async with stream:
+        await stream.send_all(b"POST /api/emit HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{")
+        started = trio.current_time()
+        data = b""
+        while chunk := await stream.receive_some(1000):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 408 Request Timeout")
+    assert 10 <= trio.current_time() - started <= 11
+
+
+async def test_idle_keep_alive_connection_is_closed_quietly(start_broker: StartBroker,
+                                                           autojump_clock: trio.testing.MockClock) -> None:
+    broker = await start_broker(handshake_timeout=10)
+    stream = await trio.open_tcp_stream("127.0.0.1", broker.port or 0)
+    async with stream:
+        await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while chunk := await stream.receive_some(1000):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200 OK")
+    assert b"408" not in data
