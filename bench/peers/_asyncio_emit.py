@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from bench.peers._http import parse_emit, parse_requests, response
+from bench.peers._http import BAD_EMIT, emitted, parse_emit, parse_requests
 
 Publish = Callable[[str, str, Any], int]
 
@@ -21,12 +21,8 @@ async def start_emit_server(publish: Publish) -> asyncio.Server:
                 buffer += data
                 out = []
                 for request in parse_requests(buffer):
-                    try:
-                        channel, event, payload = parse_emit(request.body)
-                    except (ValueError, KeyError, TypeError):
-                        out.append(response(400, {"ok": False}))
-                        continue
-                    out.append(response(200, {"ok": True, "offset": publish(channel, event, payload)}))
+                    emit = parse_emit(request)
+                    out.append(BAD_EMIT if emit is None else emitted(publish(*emit)))
                 writer.write(b"".join(out))
         finally:
             writer.close()

@@ -9,6 +9,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
+
 
 @dataclass(frozen=True, slots=True)
 class Request:
@@ -44,10 +46,21 @@ def response(status: int, payload: Any) -> bytes:
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
-def parse_emit(body: bytes) -> tuple[str, str, Any]:
-    """The channel, event and data of an emit body (raises ValueError/KeyError when malformed)."""
-    payload = json.loads(body)
-    return payload["channel"], payload["event"], payload.get("data")
+def parse_emit(request: Request) -> tuple[str, str, Any] | None:
+    """The channel, event and data of an emit request, or None when it is malformed."""
+    try:
+        payload = json.loads(request.body)
+        return payload["channel"], payload["event"], payload.get("data")
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+BAD_EMIT = response(400, {"ok": False})
+
+
+def emitted(offset: int) -> bytes:
+    """The response to an emit that got ``offset``."""
+    return response(200, {"ok": True, "offset": offset})
 
 
 class Channels:
@@ -60,3 +73,14 @@ class Channels:
         offset = self.top.get(channel, 0) + 1
         self.top[channel] = offset
         return offset
+
+    def ok_frame(self, sub: dict[str, Any]) -> bytes:
+        """The msgpack ``ok`` answering a ``sub`` frame: the channel's top offset."""
+        channel = sub["ch"]
+        return msgpack.packb({"t": "ok", "id": sub["id"], "ch": channel, "o": self.top.get(channel, 0),
+                              "ep": "peer", "recovered": False})
+
+    def ev_frame(self, channel: str, event: str, data: Any) -> tuple[int, bytes]:
+        """The next offset of ``channel`` and the msgpack ``ev`` frame carrying it (encoded once)."""
+        offset = self.next_offset(channel)
+        return offset, msgpack.packb({"t": "ev", "ch": channel, "ev": event, "d": data, "o": offset})

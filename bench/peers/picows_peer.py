@@ -24,12 +24,9 @@ class Subscriber(WSListener):
         if frame.msg_type == WSMsgType.BINARY:
             message = msgpack.unpackb(frame.get_payload_as_bytes())
             if message.get("t") == "sub":
-                channel = message["ch"]
-                subscribers.setdefault(channel, set()).add(transport)
-                self.joined.append(channel)
-                transport.send(WSMsgType.BINARY, msgpack.packb(
-                    {"t": "ok", "id": message["id"], "ch": channel, "o": channels.top.get(channel, 0),
-                     "ep": "peer", "recovered": False}))
+                subscribers.setdefault(message["ch"], set()).add(transport)
+                self.joined.append(message["ch"])
+                transport.send(WSMsgType.BINARY, channels.ok_frame(message))
         elif frame.msg_type == WSMsgType.CLOSE:
             transport.send_close(frame.get_close_code())
             transport.disconnect()
@@ -40,8 +37,7 @@ class Subscriber(WSListener):
 
 
 def publish(channel: str, event: str, data: Any) -> int:
-    offset = channels.next_offset(channel)
-    message = msgpack.packb({"t": "ev", "ch": channel, "ev": event, "d": data, "o": offset})
+    offset, message = channels.ev_frame(channel, event, data)
     for transport in subscribers.get(channel, ()):
         transport.send(WSMsgType.BINARY, message)
     return offset

@@ -12,7 +12,7 @@ import signal
 import urllib.parse
 from typing import Any
 
-from bench.peers._http import Channels, parse_emit, parse_requests, response
+from bench.peers._http import BAD_EMIT, Channels, emitted, parse_emit, parse_requests
 
 channels = Channels()
 watchers: dict[str, set[asyncio.StreamWriter]] = {}
@@ -46,12 +46,8 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                     finally:
                         watchers[channel].discard(writer)
                     return
-                try:
-                    channel, event, payload = parse_emit(request.body)
-                except (ValueError, KeyError, TypeError):
-                    out.append(response(400, {"ok": False}))
-                    continue
-                out.append(response(200, {"ok": True, "offset": publish(channel, event, payload)}))
+                emit = parse_emit(request)
+                out.append(BAD_EMIT if emit is None else emitted(publish(*emit)))
             writer.write(b"".join(out))
     finally:
         writer.close()

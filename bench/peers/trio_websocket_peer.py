@@ -11,7 +11,7 @@ import msgpack
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
-from bench.peers._http import Channels, parse_emit, parse_requests, response
+from bench.peers._http import BAD_EMIT, Channels, emitted, parse_emit, parse_requests
 
 channels = Channels()
 subscribers: dict[str, set[WebSocketConnection]] = {}
@@ -27,12 +27,9 @@ async def handler(request: WebSocketRequest) -> None:
                 continue
             frame = msgpack.unpackb(message)
             if frame.get("t") == "sub":
-                channel = frame["ch"]
-                subscribers.setdefault(channel, set()).add(ws)
-                joined.append(channel)
-                await ws.send_message(msgpack.packb(
-                    {"t": "ok", "id": frame["id"], "ch": channel, "o": channels.top.get(channel, 0),
-                     "ep": "peer", "recovered": False}))
+                subscribers.setdefault(frame["ch"], set()).add(ws)
+                joined.append(frame["ch"])
+                await ws.send_message(channels.ok_frame(frame))
     except ConnectionClosed:
         pass
     finally:
@@ -41,8 +38,7 @@ async def handler(request: WebSocketRequest) -> None:
 
 
 async def publish(channel: str, event: str, data: Any) -> int:
-    offset = channels.next_offset(channel)
-    message = msgpack.packb({"t": "ev", "ch": channel, "ev": event, "d": data, "o": offset})
+    offset, message = channels.ev_frame(channel, event, data)
     for ws in list(subscribers.get(channel, ())):
         with contextlib.suppress(ConnectionClosed):
             await ws.send_message(message)
@@ -56,12 +52,8 @@ async def emit_connection(stream: trio.SocketStream) -> None:
             buffer += data
             out = []
             for request in parse_requests(buffer):
-                try:
-                    channel, event, payload = parse_emit(request.body)
-                except (ValueError, KeyError, TypeError):
-                    out.append(response(400, {"ok": False}))
-                    continue
-                out.append(response(200, {"ok": True, "offset": await publish(channel, event, payload)}))
+                emit = parse_emit(request)
+                out.append(BAD_EMIT if emit is None else emitted(await publish(*emit)))
             await stream.send_all(b"".join(out))
 
 

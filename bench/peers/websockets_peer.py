@@ -24,20 +24,16 @@ async def handler(ws: ServerConnection) -> None:
                 continue
             frame = msgpack.unpackb(message)
             if frame.get("t") == "sub":
-                channel = frame["ch"]
-                subscribers.setdefault(channel, set()).add(ws)
-                joined.append(channel)
-                await ws.send(msgpack.packb({"t": "ok", "id": frame["id"], "ch": channel,
-                                             "o": channels.top.get(channel, 0), "ep": "peer",
-                                             "recovered": False}))
+                subscribers.setdefault(frame["ch"], set()).add(ws)
+                joined.append(frame["ch"])
+                await ws.send(channels.ok_frame(frame))
     finally:
         for channel in joined:
             subscribers.get(channel, set()).discard(ws)
 
 
 def publish(channel: str, event: str, data: Any) -> int:
-    offset = channels.next_offset(channel)
-    message = msgpack.packb({"t": "ev", "ch": channel, "ev": event, "d": data, "o": offset})
+    offset, message = channels.ev_frame(channel, event, data)
     broadcast(subscribers.get(channel, ()), message)
     return offset
 
