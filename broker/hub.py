@@ -37,6 +37,9 @@ import trio
 from broker.outbox import Outbox
 from protocol import encode_event, ws_frame
 
+#: A channel's pending publications are fanned out at once when they reach this many bytes.
+MAX_PENDING_BYTES = 256 * 1024
+
 
 def new_epoch() -> str:
     """A short random string naming one incarnation of a channel's stream."""
@@ -65,7 +68,7 @@ class HubStatistics:
 class Channel:
     """One channel: its stream position and its subscribers' outboxes."""
 
-    __slots__ = ("epoch", "name", "pending", "subscribers", "top")
+    __slots__ = ("epoch", "name", "pending", "pending_bytes", "subscribers", "top")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -73,6 +76,7 @@ class Channel:
         self.top = 0  # offset of the latest publication
         self.subscribers: dict[Outbox, None] = {}  # an ordered set
         self.pending: list[bytes] = []  # frame bytes not yet fanned out
+        self.pending_bytes = 0
 
     def fan_out(self, data: bytes) -> None:
         """Offer the same ``data`` to every subscriber. Never waits."""
@@ -85,6 +89,7 @@ class Channel:
         if not pending:
             return
         self.pending = []
+        self.pending_bytes = 0
         self.fan_out(pending[0] if len(pending) == 1 else b"".join(pending))
 
 
@@ -125,7 +130,11 @@ class Hub:
         self._publications += 1
         if self._batching:
             channel.pending.append(frame)
-            if channel not in self._dirty:
+            channel.pending_bytes += len(frame)
+            if channel.pending_bytes >= MAX_PENDING_BYTES:
+                # A publisher that never yields would otherwise pile up frames without bound.
+                channel.flush()
+            elif channel not in self._dirty:
                 self._dirty[channel] = None
                 if len(self._dirty) == 1:
                     self._lot.unpark_all()

@@ -147,3 +147,21 @@ async def test_pub_ping_hello_and_client_publish_policy(broker: Broker) -> None:
             await other.publish("news", "ai:cancel", {})
         assert info.value.code == Code.NOT_ALLOWED
         assert "may not publish" in info.value.msg
+
+
+async def test_publisher_that_never_yields_keeps_pending_bounded(broker: Broker) -> None:
+    from broker.hub import MAX_PENDING_BYTES
+
+    async with connect(ws_url(broker)) as client:
+        sub = await client.subscribe("tight", buffer=10_000)
+        channel = broker.hub.channel("tight")
+        assert channel is not None
+        most = 0
+        for i in range(5000):  # about 1 MB, published without a checkpoint
+            broker.emit("tight", "ai:token", {"token": f"{i:0100d}"})
+            most = max(most, channel.pending_bytes)
+        assert most < MAX_PENDING_BYTES + 200
+        got: list[Event] = []
+        with trio.fail_after(10):
+            await collect(sub, 5000, got)
+    assert [e.offset for e in got] == list(range(1, 5001))
