@@ -21,7 +21,6 @@ that is not valid HTTP gets its answer and the connection is closed.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -35,8 +34,6 @@ from protocol import LocalProtocolError, channel_problem, data_problem, event_pr
 
 if TYPE_CHECKING:
     from broker.server import Broker
-
-log = logging.getLogger("tokenfan.http")
 
 _MAX_HEAD = 16 * 1024
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -41,7 +40,6 @@ if TYPE_CHECKING:
     from broker.httpwire import RequestHead
     from broker.server import Broker
 
-log = logging.getLogger("tokenfan.ws")
 
 SERVER_NAME = "tokenfan/0.1.0"
 
@@ -82,6 +80,7 @@ class ConnectionStatistics:
     subscriptions: int
     outbox: OutboxStatistics
     frames_received: int
+    close_code: p.Code | None  #: why the server is closing it, once it is
 
 
 class WsConnection:
@@ -119,7 +118,8 @@ class WsConnection:
 
     def statistics(self) -> ConnectionStatistics:
         return ConnectionStatistics(subscriptions=len(self.subscriptions),
-                                    outbox=self.outbox.statistics(), frames_received=self.frames_received)
+                                    outbox=self.outbox.statistics(), frames_received=self.frames_received,
+                                    close_code=self.close_code)
 
     # -- lifecycle ------------------------------------------------------------
 

@@ -178,5 +178,6 @@ async def test_statistics_are_immutable_snapshots(broker: Broker) -> None:
     assert (before.hub.publications, after.hub.publications) == (0, 1)
     assert before.connections == 1
     assert conn_stats.subscriptions == 1
+    assert conn_stats.close_code is None
     with pytest.raises(dataclasses.FrozenInstanceError):
         before.connections = 5  # type: ignore[misc]
