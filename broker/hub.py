@@ -3,26 +3,31 @@
 Theory of operation
 -------------------
 :meth:`Hub.publish` is synchronous: it gives the publication the channel's
-next offset, encodes it to complete WebSocket frame bytes once, and either
-fans those bytes out at once (``batching=False``) or appends them to the
-channel's pending list and wakes the flusher task (``batching=True``, the
-default). The flusher takes every channel with pending publications and fans
-out their bytes joined into one ``bytes`` object: when tokens arrive faster
-than a fan-out round takes, each subscriber gets several tokens in one write,
-and the joined bytes are still the same object for every subscriber.
+next offset, encodes it once to complete WebSocket frame bytes and appends
+them to the channel's *log* (the frames some subscriber has not been sent
+yet). Each subscriber has a position in that log. Sending to a subscriber
+writes everything from its position to the head, joined into one write, and
+moves it to the head.
 
-Fan-out walks the channel's subscribers and calls :meth:`Outbox.offer` on
-each; it never awaits and never starts a task. A slow subscriber's outbox
-overflows on its own; the loop does not notice.
+With ``batching=False`` every publication is sent to every subscriber at
+once, inside :meth:`Hub.publish`. With ``batching=True`` (the default) the
+flusher task walks the subscribers of each channel with news, and yields to
+the publishers every :data:`WRITES_PER_TURN` writes. A token published while
+a walk is under way therefore reaches the rest of that walk at once, and the
+subscribers already passed on the next walk: nobody waits more than about one
+walk, and when tokens come faster than a walk takes, each subscriber gets
+several in one write. Subscribers at the same position get the very same
+joined ``bytes`` object.
 
-Ordering: a subscriber added by :meth:`Hub.subscribe` must see only
-publications after the top offset it was told, so subscribe first flushes the
-channel's pending bytes to the existing subscribers.
+Fan-out calls :meth:`Outbox.offer` and never awaits per subscriber or starts
+a task. A slow subscriber's outbox overflows on its own; the walk does not
+notice. A new subscriber starts at the head, so it only sees offsets above
+the top offset it was told.
 
 A channel exists while it has subscribers (and, from a later issue, history).
 Publishing to a channel that does not exist reaches no one; the publication
-still gets offset 1 of a fresh epoch, which is what a subscriber joining
-later will not be able to recover.
+still gets offset 1 of a fresh epoch, which a subscriber joining later will
+not be able to recover.
 """
 
 from __future__ import annotations
@@ -37,8 +42,10 @@ import trio
 from broker.outbox import Outbox
 from protocol import encode_event, ws_frame
 
-#: A channel's pending publications are fanned out at once when they reach this many bytes.
+#: A channel's log is sent to everyone at once when it holds this many bytes.
 MAX_PENDING_BYTES = 256 * 1024
+#: Writes the flusher makes before it lets publishers run (about 2.5 ms of sends here).
+WRITES_PER_TURN = 256
 
 
 def new_epoch() -> str:
@@ -66,31 +73,87 @@ class HubStatistics:
 
 
 class Channel:
-    """One channel: its stream position and its subscribers' outboxes."""
+    """One channel: its stream position, its log of unsent frames, and its subscribers."""
 
-    __slots__ = ("epoch", "name", "pending", "pending_bytes", "subscribers", "top")
+    __slots__ = ("epoch", "log", "log_base", "log_bytes", "name", "subscribers", "top")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.epoch = new_epoch()
         self.top = 0  # offset of the latest publication
-        self.subscribers: dict[Outbox, None] = {}  # an ordered set
-        self.pending: list[bytes] = []  # frame bytes not yet fanned out
-        self.pending_bytes = 0
+        # outbox -> sequence number of the next log frame it needs (insertion-ordered)
+        self.subscribers: dict[Outbox, int] = {}
+        self.log: list[bytes] = []  # frames log_base, log_base + 1, ... not yet sent to everyone
+        self.log_base = 0
+        self.log_bytes = 0
 
-    def fan_out(self, data: bytes) -> None:
-        """Offer the same ``data`` to every subscriber. Never waits."""
-        for outbox in self.subscribers:
-            outbox.offer(data)
+    @property
+    def head(self) -> int:
+        """Sequence number the next appended frame gets."""
+        return self.log_base + len(self.log)
 
-    def flush(self) -> None:
-        """Fan out everything pending, joined into one write per subscriber."""
-        pending = self.pending
-        if not pending:
-            return
-        self.pending = []
-        self.pending_bytes = 0
-        self.fan_out(pending[0] if len(pending) == 1 else b"".join(pending))
+    @property
+    def behind(self) -> bool:
+        """True if some subscriber has not been sent everything."""
+        head = self.head
+        return any(seq < head for seq in self.subscribers.values())
+
+    def append(self, frame: bytes) -> None:
+        self.log.append(frame)
+        self.log_bytes += len(frame)
+
+    def add(self, outbox: Outbox) -> None:
+        self.subscribers[outbox] = self.head
+
+    def _since(self, seq: int, cache: dict[int, bytes]) -> bytes:
+        """Frames from ``seq`` to the head, joined; the same object for every caller at ``seq``."""
+        data = cache.get(seq)
+        if data is None:
+            frames = self.log[seq - self.log_base:]
+            data = cache[seq] = frames[0] if len(frames) == 1 else b"".join(frames)
+        return data
+
+    def send_all(self) -> None:
+        """Send every subscriber everything it lacks, now. Never waits."""
+        head = self.head
+        cache: dict[int, bytes] = {}
+        subscribers = self.subscribers
+        for outbox, seq in subscribers.items():
+            if seq < head:
+                outbox.offer(self._since(seq, cache))
+                subscribers[outbox] = head
+        self._trim()
+
+    async def walk(self, budget: list[int]) -> None:
+        """Send each subscriber what it lacks, yielding whenever ``budget[0]`` writes are used up."""
+        subscribers = self.subscribers
+        cache: dict[int, bytes] = {}
+        cached_head = self.head
+        for outbox in list(subscribers):
+            seq = subscribers.get(outbox)
+            head = self.head
+            if seq is None or seq >= head:
+                continue  # unsubscribed meanwhile, or already up to date
+            if head != cached_head:
+                cache.clear()
+                cached_head = head
+            outbox.offer(self._since(seq, cache))
+            subscribers[outbox] = head
+            budget[0] -= 1
+            if budget[0] <= 0:
+                budget[0] = WRITES_PER_TURN
+                # Let publishers add frames: the rest of this walk picks them up.
+                await trio.lowlevel.checkpoint()
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop the log frames every subscriber has been sent."""
+        low = min(self.subscribers.values(), default=self.head)
+        drop = low - self.log_base
+        if drop > 0:
+            self.log_bytes -= sum(len(frame) for frame in self.log[:drop])
+            del self.log[:drop]
+            self.log_base = low
 
 
 class Hub:
@@ -128,33 +191,27 @@ class Hub:
         frame = ws_frame(encode_event(name, event, data, offset))
         channel.top = offset
         self._publications += 1
-        if self._batching:
-            channel.pending.append(frame)
-            channel.pending_bytes += len(frame)
-            if channel.pending_bytes >= MAX_PENDING_BYTES:
-                # A publisher that never yields would otherwise pile up frames without bound.
-                channel.flush()
-            elif channel not in self._dirty:
-                self._dirty[channel] = None
-                if len(self._dirty) == 1:
-                    self._lot.unpark_all()
-        else:
-            channel.fan_out(frame)
+        channel.append(frame)
+        if not self._batching or channel.log_bytes >= MAX_PENDING_BYTES:
+            # Unbatched, or a publisher that never yields: send now, so the log stays bounded.
+            channel.send_all()
+        elif channel not in self._dirty:
+            self._dirty[channel] = None
+            if len(self._dirty) == 1:
+                self._lot.unpark_all()
         return Publication(channel=name, offset=offset, epoch=channel.epoch)
 
     def subscribe(self, name: str, outbox: Outbox) -> Channel:
         """Add ``outbox`` to channel ``name`` (created if needed) and return the channel.
 
-        Everything published before this call is fanned out to the existing
-        subscribers first, so the new one sees only offsets above ``channel.top``.
+        The new subscriber starts at the head of the channel's log, so it sees
+        only offsets above ``channel.top``.
         """
         channel = self._channels.get(name)
         if channel is None:
             channel = self._channels[name] = Channel(name)
-        else:
-            channel.flush()
         if outbox not in channel.subscribers:
-            channel.subscribers[outbox] = None
+            channel.add(outbox)
             self._subscriptions += 1
         return channel
 
@@ -172,20 +229,27 @@ class Hub:
                 self.on_channel_closed(name)
 
     def flush_all(self) -> None:
-        """Fan out every pending publication now (e.g. before saying goodbye to everyone)."""
+        """Send everything published to everyone now (e.g. before saying goodbye to everyone)."""
         dirty, self._dirty = self._dirty, {}
         for channel in dirty:
-            channel.flush()
+            channel.send_all()
 
     async def run_flusher(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Fan out pending publications whenever there are some. Runs until cancelled."""
+        """Walk the channels with news, round robin, until cancelled."""
         task_status.started()
+        budget = [WRITES_PER_TURN]
         while True:
             while not self._dirty:
                 await self._lot.park()
-            self.flush_all()
-            # Let the publishers run before the next round, so they can batch up.
-            await trio.lowlevel.checkpoint()
+            channel = next(iter(self._dirty))
+            del self._dirty[channel]
+            await channel.walk(budget)
+            if channel.behind and self._channels.get(channel.name) is channel:
+                self._dirty[channel] = None  # frames came during the walk: another walk
+            if not self._dirty:
+                budget[0] = WRITES_PER_TURN
+                # Let the publishers run before the next walk, so they can batch up.
+                await trio.lowlevel.checkpoint()
 
     def statistics(self) -> HubStatistics:
         return HubStatistics(channels=len(self._channels), subscriptions=self._subscriptions,
