@@ -38,14 +38,8 @@ if TYPE_CHECKING:
 _MAX_HEAD = 16 * 1024
 
 
-class ApiError(Exception):
-    """An API request failed with ``status``; ``message`` says why in words a user can act on."""
-
-    def __init__(self, status: int, message: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers
+class ApiError(HttpError):
+    """An API request failed; unlike other :class:`HttpError`, the connection stays usable."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,12 +38,13 @@ REASONS = {
 
 
 class HttpError(Exception):
-    """The request cannot be served: answer ``status`` with ``message``, then close."""
+    """The request cannot be served: answer ``status`` with ``message`` (and ``headers``), then close."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
 @dataclass(frozen=True, slots=True)
