@@ -340,6 +340,11 @@ class Decoder:
         if used > size:
             raise RemoteProtocolError(f"frame larger than the {size}-byte limit", code=Code.FRAME_TOO_LARGE)
         del self._backlog[:used]
+        if rest:
+            # Several frames in one message: read the others with the streaming
+            # Unpacker, which does not copy the rest of the message per frame.
+            self._fed = self._frame_start = 0
+            self._unpacker = self._new_unpacker()
         return value
 
     def _next_value(self) -> object:

@@ -252,3 +252,11 @@ def test_data_problem() -> None:
     assert data_problem({"token": "x", "n": [1, 2.5, None, True, b""]}) is None
     assert data_problem({1: 2}) == "map keys in d must be strings"
     assert data_problem(object()) == "d holds an unsupported msgpack type (object)"
+
+
+def test_a_large_batch_in_one_message() -> None:
+    # 20,000 frames, 1 MB: a decoder that copied the rest of the message per frame
+    # would make this test take minutes.
+    frames = [Ev(ch="c", ev="ai:token", d={"token": "x" * 20}, o=i) for i in range(20_000)]
+    data = encode_batch(frames)
+    assert decode_message(data, peer=Peer.SERVER, limits=Limits(max_frame_size=16 * 1024 * 1024)) == frames
