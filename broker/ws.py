@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -32,6 +31,7 @@ from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
 from wsproto.utilities import generate_accept_token
 
 import protocol as p
+from broker.http import error_response
 from broker.outbox import Outbox, OutboxState, OutboxStatistics
 from broker.sockio import receive_some
 
@@ -184,11 +184,8 @@ class WsConnection:
         return True
 
     async def _reject(self, status: int, message: str) -> None:
-        body = json.dumps({"ok": False, "error": message}).encode()
-        head = (f"HTTP/1.1 {status} Bad Request\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
         with trio.move_on_after(self.broker.config.shutdown_timeout):
-            await self.stream.send_all(head + body)
+            await self.stream.send_all(error_response(status, message, close=True))
 
     # -- reading --------------------------------------------------------------
 
