@@ -273,12 +273,3 @@ def plot(results: list[dict[str, Any]], out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / "deliveries_per_cpu_s.png", dpi=110)
         plt.close(fig)
-
-
-def rerender(out: Path, *, quick: bool) -> None:  # pragma: no cover - a maintainer's helper
-    """Rebuild report.md and the plots from an existing results.jsonl."""
-    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line]
-    (out / "report.md").write_text(report(results, quick=quick, elapsed=0))
-    plot(results, out)
-
-

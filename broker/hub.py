@@ -33,7 +33,6 @@ not be able to recover.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,8 +165,6 @@ class Hub:
         self._lot = trio.lowlevel.ParkingLot()
         self._publications = 0
         self._subscriptions = 0
-        #: Called with each channel name when its last subscriber leaves (for later engines).
-        self.on_channel_closed: Callable[[str], None] | None = None
 
     def channel(self, name: str) -> Channel | None:
         """The live channel called ``name``, if it exists."""
@@ -225,8 +222,6 @@ class Hub:
         if not channel.subscribers:
             del self._channels[name]
             self._dirty.pop(channel, None)
-            if self.on_channel_closed is not None:
-                self.on_channel_closed(name)
 
     def flush_all(self) -> None:
         """Send everything published to everyone now (e.g. before saying goodbye to everyone)."""
