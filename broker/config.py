@@ -9,6 +9,7 @@ message names the option, the source it came from and what is wrong.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import fnmatch
 import os
 import re
@@ -81,6 +82,13 @@ def _parse_str(value: object, name: str) -> str:
     raise ConfigError(f"{name}: expected a string, got {value!r}")
 
 
+class SlowPolicy(enum.Enum):
+    """What happens to a subscriber whose send buffer stays full after coalescing."""
+
+    DISCONNECT = "disconnect"  #: ``bye`` SLOW_CONSUMER (reconnect: true); the client recovers from history
+    DROP = "drop"  #: skip its queued publications of the channel and send a ``gap`` naming them
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ChannelOptions:
     """Options for the channels whose names match a pattern (``[channels."ai-chat/*"]``).
@@ -88,33 +96,91 @@ class ChannelOptions:
     Attributes:
         client_events: events clients may publish with ``pub`` on these channels;
             ``("*",)`` allows any event, ``()`` none.
+        history_size: publications kept for recovery (0: no history).
+        history_ttl: seconds a publication stays in history.
+        coalesce: event -> string field of its data that a slow reader's queued
+            publications may be joined on (lossless coalescing).
+        keep_events: events never dropped, even under the ``drop`` policy.
+        slow_policy: what to do when coalescing does not make a reader's backlog fit.
     """
 
     client_events: tuple[str, ...] = ()
+    history_size: int = 0
+    history_ttl: float = 3600.0
+    coalesce: Mapping[str, str] = field(default_factory=lambda: {"ai:token": "token"})
+    keep_events: tuple[str, ...] = ("ai:start", "ai:done", "ai:error")
+    slow_policy: SlowPolicy = SlowPolicy.DISCONNECT
 
     def allows_client_event(self, event: str) -> bool:
         return any(fnmatch.fnmatchcase(event, allowed) for allowed in self.client_events)
 
+    @property
+    def persist(self) -> bool:
+        """Whether publications are kept in history unless an emit says otherwise."""
+        return self.history_size > 0
 
-def _parse_channel_options(pattern: str, raw: object, source: str) -> ChannelOptions:
+
+_NO_OPTIONS = ChannelOptions()
+
+#: Largest ``history_size`` of a channel.
+MAX_HISTORY_SIZE = 1_000_000
+
+
+def _event_list(raw: object, key: str, where: str) -> tuple[str, ...]:
+    if not isinstance(raw, list) or not all(isinstance(e, str) for e in raw):
+        raise ConfigError(f"{where}: {key} must be a list of event names")
+    for event in raw:
+        if event != "*" and NAME_PATTERN.fullmatch(event.replace("*", "x")) is None:
+            raise ConfigError(f"{where}: {key} has an invalid event name {event!r}")
+    return tuple(raw)
+
+
+def _parse_channel_options(pattern: str, raw: object, source: str, base: ChannelOptions) -> ChannelOptions:
+    """Options for ``pattern`` from a TOML table; options not given keep ``base``'s values."""
     where = f'channels."{pattern}" ({source})'
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: expected a table of options")
-    unknown = set(raw) - {"client_events"}
+    known = {f.name for f in dataclasses.fields(ChannelOptions)}
+    unknown = set(raw) - known
     if unknown:
-        raise ConfigError(f"{where}: unknown option(s) {', '.join(sorted(unknown))}")
-    events = raw.get("client_events", [])
-    if not isinstance(events, list) or not all(isinstance(e, str) for e in events):
-        raise ConfigError(f"{where}: client_events must be a list of event names")
-    for event in events:
-        if event != "*" and NAME_PATTERN.fullmatch(event.replace("*", "x")) is None:
-            raise ConfigError(f"{where}: client_events has an invalid event name {event!r}")
-    return ChannelOptions(client_events=tuple(events))
+        raise ConfigError(f"{where}: unknown option(s) {', '.join(sorted(unknown))}; "
+                          f"known: {', '.join(sorted(known))}")
+    changes: dict[str, Any] = {}
+    for key in ("client_events", "keep_events"):
+        if key in raw:
+            changes[key] = _event_list(raw[key], key, where)
+    if "history_size" in raw:
+        size = _parse_int(raw["history_size"], f"{where}: history_size")
+        if not 0 <= size <= MAX_HISTORY_SIZE:
+            raise ConfigError(f"{where}: history_size must be between 0 and {MAX_HISTORY_SIZE}, got {size}")
+        changes["history_size"] = size
+    if "history_ttl" in raw:
+        ttl = parse_duration(raw["history_ttl"], f"{where}: history_ttl")
+        if not ttl > 0:
+            raise ConfigError(f"{where}: history_ttl must be a positive duration, got {ttl}")
+        changes["history_ttl"] = ttl
+    if "coalesce" in raw:
+        table = raw["coalesce"]
+        if not isinstance(table, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) and v for k, v in table.items()):
+            raise ConfigError(f'{where}: coalesce must be a table of event = "field", '
+                              'e.g. { "ai:token" = "token" }')
+        _event_list(list(table), "coalesce", where)
+        changes["coalesce"] = dict(table)
+    if "slow_policy" in raw:
+        try:
+            changes["slow_policy"] = SlowPolicy(raw["slow_policy"])
+        except ValueError:
+            raise ConfigError(f"{where}: slow_policy must be \"disconnect\" or \"drop\", "
+                              f"got {raw['slow_policy']!r}") from None
+    return dataclasses.replace(base, **changes)
 
 
-#: Channel options of the embedded default: watchers of an AI chat may ask to cancel it.
+#: Channel options of the embedded default: watchers of an AI chat may ask to
+#: cancel it, and its stream is kept for an hour so late and reconnecting
+#: watchers miss nothing.
 DEFAULT_CHANNELS: Mapping[str, ChannelOptions] = {
-    "ai-chat/*": ChannelOptions(client_events=("ai:cancel",)),
+    "ai-chat/*": ChannelOptions(client_events=("ai:cancel",), history_size=10_000, history_ttl=3600.0),
 }
 
 
@@ -135,6 +201,7 @@ class Config:
     ping_interval: float = 20.0
     shutdown_timeout: float = 5.0
     batching: bool = True
+    history_max_bytes: int = 256 * 1024 * 1024
     channels: Mapping[str, ChannelOptions] = field(default_factory=lambda: dict(DEFAULT_CHANNELS))
 
     def __post_init__(self) -> None:
@@ -148,6 +215,8 @@ class Config:
         for name, low in (("outbox_limit", 4096), ("max_frame_size", 256), ("max_body_size", 256)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name}: must be at least {low} bytes, got {getattr(self, name)}")
+        if self.history_max_bytes < 0:
+            raise ConfigError(f"history_max_bytes: must not be negative, got {self.history_max_bytes}")
         for name in ("handshake_timeout", "idle_timeout", "ping_interval", "shutdown_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}: must be a positive duration, got {getattr(self, name)}")
@@ -160,7 +229,7 @@ class Config:
         for pattern, options in self.channels.items():
             if fnmatch.fnmatchcase(channel, pattern):
                 return options
-        return ChannelOptions()
+        return _NO_OPTIONS
 
 
 _PARSERS: dict[str, Any] = {
@@ -169,6 +238,7 @@ _PARSERS: dict[str, Any] = {
     "max_body_size": parse_size, "max_batch_events": _parse_int,
     "handshake_timeout": parse_duration, "idle_timeout": parse_duration,
     "ping_interval": parse_duration, "shutdown_timeout": parse_duration, "batching": _parse_bool,
+    "history_max_bytes": parse_size,
 }
 ENV_PREFIX = "TOKENFAN_"
 
@@ -180,7 +250,8 @@ def _apply(values: dict[str, Any], raw: Mapping[str, object], source: str) -> No
                 raise ConfigError(f"channels ({source}): expected a table of channel patterns")
             channels = dict(values.get("channels", DEFAULT_CHANNELS))
             for pattern, options in value.items():
-                channels[pattern] = _parse_channel_options(pattern, options, source)
+                channels[pattern] = _parse_channel_options(pattern, options, source,
+                                                           channels.get(pattern, ChannelOptions()))
             values["channels"] = channels
         elif key in _PARSERS:
             values[key] = _PARSERS[key](value, f"{key} ({source})")

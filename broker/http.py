@@ -21,6 +21,7 @@ that is not valid HTTP gets its answer and the connection is closed.
 from __future__ import annotations
 
 import json
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -30,7 +31,8 @@ import trio
 
 from broker.httpwire import CONTINUE, HttpError, Request, RequestHead, RequestReader, response
 from broker.sockio import receive_some
-from protocol import LocalProtocolError, channel_problem, data_problem, event_problem
+from protocol import LocalProtocolError, channel_problem, data_problem, event_problem, split_ws_frames
+from protocol.limits import MAX_OFFSET
 
 if TYPE_CHECKING:
     from broker.server import Broker
@@ -79,18 +81,19 @@ def parse_body(head: RequestHead, body: bytes) -> Any:
                    "send application/json or application/msgpack")
 
 
-def parse_event(item: object, where: str) -> tuple[str, str, Any]:
-    """Validate one ``{"channel", "event", "data"}`` object; return its parts."""
+def parse_event(broker: Broker, item: object, where: str) -> tuple[str, str, Any, bool | None]:
+    """Validate one ``{"channel", "event", "data", "persist"?}`` object; return its parts."""
     if not isinstance(item, dict):
         raise ApiError(400, f"{where} must be an object with channel, event and data")
     for key in ("channel", "event"):
         if key not in item:
             raise ApiError(400, f"{where} is missing {key!r}")
-    channel, event, data = item["channel"], item["event"], item.get("data")
-    problem = channel_problem(channel) or event_problem(event) or data_problem(data)
+    channel, event, data, persist = item["channel"], item["event"], item.get("data"), item.get("persist")
+    problem = (channel_problem(channel) or event_problem(event) or data_problem(data)
+               or broker.persist_problem(channel, persist))
     if problem is not None:
         raise ApiError(400, f"{where}: {problem}")
-    return channel, event, data
+    return channel, event, data, persist
 
 
 # -- routes -----------------------------------------------------------------------
@@ -120,9 +123,9 @@ def _ws_without_upgrade(broker: Broker, request: Request) -> bytes:
 
 
 def _emit(broker: Broker, request: Request) -> bytes:
-    channel, event, data = parse_event(parse_body(request.head, request.body), "body")
+    channel, event, data, persist = parse_event(broker, parse_body(request.head, request.body), "body")
     try:
-        pub = broker.publish(channel, event, data, validate=False)
+        pub = broker.publish(channel, event, data, persist=persist, validate=False)
     except LocalProtocolError as exc:
         raise ApiError(400, str(exc)) from None
     return response(200, b'{"ok":true,"offset":%d,"epoch":%s}' % (pub.offset, json_body(pub.epoch)))
@@ -136,11 +139,78 @@ def _emit_batch(broker: Broker, request: Request) -> bytes:
     limit = broker.config.max_batch_events
     if len(items) > limit:
         raise ApiError(413, f"batch has {len(items)} events; the limit is {limit}")
-    events = [parse_event(item, f"events[{i}]") for i, item in enumerate(items)]
+    events = [parse_event(broker, item, f"events[{i}]") for i, item in enumerate(items)]
     # Validated in full above, so nothing below can fail half way.
-    pubs = [broker.publish(channel, event, data, validate=False) for channel, event, data in events]
+    pubs = [broker.publish(channel, event, data, persist=persist, validate=False)
+            for channel, event, data, persist in events]
     return response(200, json_body({"ok": True, "results": [
         {"channel": p.channel, "offset": p.offset, "epoch": p.epoch} for p in pubs]}))
+
+
+#: Most publications one ``GET /api/history`` returns, and the default.
+HISTORY_PAGE_MAX, HISTORY_PAGE_DEFAULT = 10_000, 1000
+#: Most frame bytes one history page holds (the JSON is about as big).
+_HISTORY_PAGE_BYTES = 8 * 1024 * 1024
+
+
+def _json_value(value: object) -> object:
+    """msgpack bin has no JSON form: write it as ``{"$bin": "<hex>"}`` (as in the test vectors)."""
+    if isinstance(value, bytes):
+        return {"$bin": value.hex()}
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def _query(request: Request) -> dict[str, str]:
+    parts = request.head.target.split("?", 1)
+    try:
+        pairs = urllib.parse.parse_qsl(parts[1] if len(parts) == 2 else "", strict_parsing=False,
+                                       errors="strict", max_num_fields=20)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"bad query string: {exc}") from None
+    query: dict[str, str] = {}
+    for key, value in pairs:
+        if key in query:
+            raise ApiError(400, f"query parameter {key!r} is given twice")
+        query[key] = value
+    return query
+
+
+def _int_param(query: dict[str, str], key: str, default: int, low: int, high: int) -> int:
+    raw = query.get(key)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise ApiError(400, f"{key} must be an integer from {low} to {high}, got {raw[:40]!r}")
+    return int(raw)
+
+
+def _history(broker: Broker, request: Request) -> bytes:
+    """``GET /api/history?channel=…&since=…&epoch=…&limit=…``: kept publications as JSON."""
+    query = _query(request)
+    unknown = set(query) - {"channel", "since", "epoch", "limit"}
+    if unknown:
+        raise ApiError(400, f"unknown query parameter(s) {', '.join(sorted(unknown))}; "
+                            "known: channel, since, epoch, limit")
+    channel = query.get("channel")
+    if channel is None:
+        raise ApiError(400, "channel is required, e.g. /api/history?channel=ai-chat/42")
+    problem = channel_problem(channel)
+    if problem is not None:
+        raise ApiError(400, problem)
+    since = _int_param(query, "since", 0, 0, MAX_OFFSET)
+    limit = _int_param(query, "limit", HISTORY_PAGE_DEFAULT, 1, HISTORY_PAGE_MAX)
+    epoch = query.get("epoch") or None
+    page = broker.engine.since(channel, after=since, epoch=epoch, limit=limit, max_bytes=_HISTORY_PAGE_BYTES)
+    publications = []
+    for frame in page.frames:
+        _opcode, _start, payload, end = split_ws_frames(frame)[0]  # type: ignore[index]
+        ev = msgpack.unpackb(frame[payload:end], raw=False)
+        publications.append({"offset": ev["o"], "event": ev["ev"], "data": ev["d"]})
+    body = {"ok": True, "channel": channel, "epoch": page.epoch or None, "top": page.top,
+            "recovered": page.recovered, "more": page.more, "next": page.last,
+            "publications": publications}
+    return response(200, json.dumps(body, separators=(",", ":"), ensure_ascii=False,
+                                    default=_json_value).encode())
 
 
 ROUTES: dict[str, tuple[str, Handler]] = {
@@ -148,6 +218,7 @@ ROUTES: dict[str, tuple[str, Handler]] = {
     "/healthz": ("GET", _health),
     "/api/emit": ("POST", _emit),
     "/api/emit/batch": ("POST", _emit_batch),
+    "/api/history": ("GET", _history),
     "/ws": ("GET", _ws_without_upgrade),
 }
 

@@ -2,12 +2,13 @@
 
 Theory of operation
 -------------------
-:meth:`Hub.publish` is synchronous: it gives the publication the channel's
-next offset, encodes it once to complete WebSocket frame bytes and appends
-them to the channel's *log* (the frames some subscriber has not been sent
-yet). Each subscriber has a position in that log. Sending to a subscriber
-writes everything from its position to the head, joined into one write, and
-moves it to the head.
+:meth:`Hub.publish` is synchronous: the engine (:mod:`broker.history`) gives
+the publication the channel's next offset, encodes it once to complete
+WebSocket frame bytes and keeps it in history if it should; the hub appends
+those bytes to the channel's *log* (the frames some subscriber has not been
+sent yet). Each subscriber has a position in that log. Sending to a
+subscriber writes everything from its position to the head, joined into one
+write, and moves it to the head.
 
 With ``batching=False`` every publication is sent to every subscriber at
 once, inside :meth:`Hub.publish`. With ``batching=True`` (the default) the
@@ -20,36 +21,32 @@ several in one write. Subscribers at the same position get the very same
 joined ``bytes`` object.
 
 Fan-out calls :meth:`Outbox.offer` and never awaits per subscriber or starts
-a task. A slow subscriber's outbox overflows on its own; the walk does not
-notice. A new subscriber starts at the head, so it only sees offsets above
-the top offset it was told.
+a task. A slow subscriber's outbox deals with its backlog on its own; the walk
+does not notice.
 
-A channel exists while it has subscribers (and, from a later issue, history).
-Publishing to a channel that does not exist reaches no one; the publication
-still gets offset 1 of a fresh epoch, which a subscriber joining later will
-not be able to recover.
+A new subscriber starts at the head of the log. :meth:`Hub.subscribe` reads
+what it asked to recover from the engine and adds it to the live stream in the
+same synchronous step, so every publication reaches it exactly once: those up
+to the engine's top offset in the replay, later ones live.
 """
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
+from broker.history import Engine
 from broker.outbox import Outbox
-from protocol import encode_event, ws_frame
+from protocol import Position
 
 #: A channel's log is sent to everyone at once when it holds this many bytes.
 MAX_PENDING_BYTES = 256 * 1024
 #: Writes the flusher makes before it lets publishers run (about 1 ms of sends here).
 WRITES_PER_TURN = 64
-
-
-def new_epoch() -> str:
-    """A short random string naming one incarnation of a channel's stream."""
-    return secrets.token_urlsafe(6)
+#: Most publications one recovery replays (its bytes are bounded by the caller).
+MAX_REPLAY = 1_000_000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -62,6 +59,21 @@ class Publication:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Subscribed:
+    """What a new subscriber is told (``ok``) and sent first (``replay``).
+
+    Every publication after offset ``after`` of ``epoch`` reaches it exactly
+    once: those up to the top offset in ``replay`` (frames joined into one
+    bytes object), the rest live.
+    """
+
+    epoch: str
+    after: int
+    recovered: bool
+    replay: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class HubStatistics:
     """A snapshot of the hub."""
 
@@ -69,17 +81,17 @@ class HubStatistics:
     subscriptions: int
     publications: int
     pending_channels: int
+    recoveries: int  #: ``sub`` with ``since`` that got everything it asked for
+    recovery_misses: int  #: ``sub`` with ``since`` answered ``recovered: false``
 
 
 class Channel:
-    """One channel: its stream position, its log of unsent frames, and its subscribers."""
+    """One channel with subscribers: its log of unsent frames and where each subscriber is in it."""
 
-    __slots__ = ("epoch", "log", "log_base", "log_bytes", "name", "subscribers", "top")
+    __slots__ = ("log", "log_base", "log_bytes", "name", "subscribers")
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.epoch = new_epoch()
-        self.top = 0  # offset of the latest publication
         # outbox -> sequence number of the next log frame it needs (insertion-ordered)
         self.subscribers: dict[Outbox, int] = {}
         self.log: list[bytes] = []  # frames log_base, log_base + 1, ... not yet sent to everyone
@@ -158,19 +170,22 @@ class Channel:
 class Hub:
     """All channels of one broker. Not thread-safe: use it from the broker's Trio thread."""
 
-    def __init__(self, *, batching: bool = True) -> None:
+    def __init__(self, engine: Engine, *, batching: bool = True) -> None:
+        self.engine = engine
         self._batching = batching
         self._channels: dict[str, Channel] = {}
         self._dirty: dict[Channel, None] = {}
         self._lot = trio.lowlevel.ParkingLot()
         self._publications = 0
         self._subscriptions = 0
+        self._recoveries = 0
+        self._recovery_misses = 0
 
     def channel(self, name: str) -> Channel | None:
-        """The live channel called ``name``, if it exists."""
+        """The channel called ``name``, if it has subscribers."""
         return self._channels.get(name)
 
-    def publish(self, name: str, event: str, data: Any) -> Publication:
+    def publish(self, name: str, event: str, data: Any, *, persist: bool) -> Publication:
         """Publish ``event`` with ``data`` on channel ``name``; return its position.
 
         The caller has validated the names. Never waits.
@@ -178,39 +193,56 @@ class Hub:
         Raises:
             protocol.LocalProtocolError: ``data`` cannot be encoded as msgpack.
         """
-        channel = self._channels.get(name)
-        if channel is None:
-            # No subscribers and no history: nobody can see this publication.
-            encode_event(name, event, data, 1)  # still reject what could never be sent
-            self._publications += 1
-            return Publication(channel=name, offset=1, epoch=new_epoch())
-        offset = channel.top + 1
-        frame = ws_frame(encode_event(name, event, data, offset))
-        channel.top = offset
+        stored = self.engine.publish(name, event, data, persist=persist, now=trio.current_time())
         self._publications += 1
-        channel.append(frame)
-        if not self._batching or channel.log_bytes >= MAX_PENDING_BYTES:
-            # Unbatched, or a publisher that never yields: send now, so the log stays bounded.
-            channel.send_all()
-        elif channel not in self._dirty:
-            self._dirty[channel] = None
-            if len(self._dirty) == 1:
-                self._lot.unpark_all()
-        return Publication(channel=name, offset=offset, epoch=channel.epoch)
+        channel = self._channels.get(name)
+        if channel is not None:
+            channel.append(stored.frame)
+            if not self._batching or channel.log_bytes >= MAX_PENDING_BYTES:
+                # Unbatched, or a publisher that never yields: send now, so the log stays bounded.
+                channel.send_all()
+            elif channel not in self._dirty:
+                self._dirty[channel] = None
+                if len(self._dirty) == 1:
+                    self._lot.unpark_all()
+        return Publication(channel=name, offset=stored.offset, epoch=stored.epoch)
 
-    def subscribe(self, name: str, outbox: Outbox) -> Channel:
-        """Add ``outbox`` to channel ``name`` (created if needed) and return the channel.
+    def subscribe(self, name: str, outbox: Outbox, *, since: Position | None = None,
+                  max_replay_bytes: int = 1 << 20) -> Subscribed:
+        """Add ``outbox`` to channel ``name`` (created if needed); say where its stream starts.
 
-        The new subscriber starts at the head of the channel's log, so it sees
-        only offsets above ``channel.top``.
+        Without ``since`` it starts after the channel's top offset. With
+        ``since``, and ``since.ep`` given, it recovers every publication after
+        ``since.o`` of that epoch, or nothing (``recovered=False``) if history
+        cannot give all of them within ``max_replay_bytes``. With ``since.ep``
+        omitted (catching up) it gets whatever history still holds after
+        ``since.o`` of the current epoch, the newest that fit in
+        ``max_replay_bytes``; ``recovered`` says whether that was everything.
+        The caller sends the ``ok`` and then :attr:`Subscribed.replay` before
+        yielding, so the subscriber joins the live stream right after the replay.
         """
         channel = self._channels.get(name)
         if channel is None:
             channel = self._channels[name] = Channel(name)
+            self.engine.hold(name)
         if outbox not in channel.subscribers:
             channel.add(outbox)
             self._subscriptions += 1
-        return channel
+        epoch, top = self.engine.position(name)
+        if since is None:
+            return Subscribed(epoch=epoch, after=top, recovered=False, replay=b"")
+        catch_up = since.ep is None
+        replay = self.engine.since(name, after=since.o, epoch=since.ep,
+                                   limit=MAX_REPLAY, max_bytes=max_replay_bytes, newest=catch_up)
+        if not catch_up and (not replay.recovered or replay.more):
+            self._recovery_misses += 1
+            return Subscribed(epoch=epoch, after=top, recovered=False, replay=b"")
+        if replay.recovered:
+            self._recoveries += 1
+        else:
+            self._recovery_misses += 1
+        return Subscribed(epoch=epoch, after=replay.after, recovered=replay.recovered,
+                          replay=b"".join(replay.frames))
 
     def unsubscribe(self, name: str, outbox: Outbox) -> None:
         """Remove ``outbox`` from channel ``name``; drop the channel when it is left empty."""
@@ -222,6 +254,7 @@ class Hub:
         if not channel.subscribers:
             del self._channels[name]
             self._dirty.pop(channel, None)
+            self.engine.release(name)
 
     def flush_all(self) -> None:
         """Send everything published to everyone now (e.g. before saying goodbye to everyone)."""
@@ -248,4 +281,5 @@ class Hub:
 
     def statistics(self) -> HubStatistics:
         return HubStatistics(channels=len(self._channels), subscriptions=self._subscriptions,
-                             publications=self._publications, pending_channels=len(self._dirty))
+                             publications=self._publications, pending_channels=len(self._dirty),
+                             recoveries=self._recoveries, recovery_misses=self._recovery_misses)

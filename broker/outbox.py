@@ -13,15 +13,19 @@ which is how pending frames get joined under load.
 
 The queue is bounded in bytes (``limit``). Items are the publication
 ``bytes`` objects shared by all subscribers, so a queued byte costs a
-reference, not a copy. When an offer would pass the limit the outbox
-*overflows*: it drops its backlog (keeping the unsent tail of a frame that is
-half on the wire, so the stream stays well-formed), queues the ``bye`` and
-close frames it was given for this case, and wakes the writer, which sends
-them and returns so the connection can end. The publisher never waits for a
-slow reader, and the other subscribers never notice it.
+reference, not a copy. When the queue passes a quarter of the limit, the
+outbox hands everything but a half-written head to its :class:`Backlog`,
+which coalesces queued tokens losslessly; the next attempt comes halfway
+between the new size and the limit. When an offer would pass the limit the
+backlog also applies the channels' ``drop`` policy, and if the queue still does
+not fit the outbox *overflows*: it drops its backlog (keeping the unsent tail
+of a frame that is half on the wire, so the stream stays well-formed), queues
+the ``bye`` and close frames it was given for this case, and wakes the
+writer, which sends them and returns so the connection can end. The publisher
+never waits for a slow reader, and the other subscribers never notice it.
 
-A later issue adds lossless coalescing of queued tokens before overflow; it
-fits in :meth:`Outbox._overflow`, which sees the whole queue.
+Replies that no queued frame must precede (``ok`` to a ping, pongs, errors)
+go in with :meth:`Outbox.offer_urgent`, ahead of the backlog.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
+
+from broker.backlog import Backlog
 
 # Kernel limit on iovecs per writev; Linux has 1024.
 _IOV_MAX = 1024
@@ -56,20 +62,23 @@ class OutboxStatistics:
 class Outbox:
     """Ordered, byte-bounded send queue of one socket. See the module docstring."""
 
-    __slots__ = ("_fd", "_limit", "_lot", "_overflow_frames", "_queue", "_queued", "_state",
-                 "on_overflow", "overflowed")
+    __slots__ = ("_backlog", "_fd", "_limit", "_lot", "_overflow_frames", "_queue", "_queued",
+                 "_shrink_at", "_state", "on_overflow", "overflowed")
 
     def __init__(self, fd: int, *, limit: int, overflow_frames: bytes = b"",
-                 on_overflow: Callable[[], None] | None = None) -> None:
+                 on_overflow: Callable[[], None] | None = None, backlog: Backlog | None = None) -> None:
         """
         Args:
             fd: the connected, non-blocking socket's file descriptor.
             limit: most bytes that may wait in the queue.
             overflow_frames: bytes to send when the queue overflows (``bye`` + close frame).
             on_overflow: called once, synchronously, when the queue overflows.
+            backlog: what shrinks the queue before it overflows (None: nothing does).
         """
         self._fd = fd
         self._limit = limit
+        self._backlog = backlog
+        self._shrink_at = limit // 4 if backlog is not None else limit
         self._overflow_frames = overflow_frames
         # A list, not a deque: an empty deque costs 600 bytes more, on every idle connection.
         self._queue: list[bytes | memoryview] = []
@@ -109,9 +118,22 @@ class Outbox:
         else:
             rest = data
         self._push(rest)
-        if self._queued > self._limit:
-            self._overflow()
-            return False
+        if self._queued > self._shrink_at:
+            return self._relieve()
+        return True
+
+    def offer_urgent(self, data: bytes) -> bool:
+        """Like :meth:`offer`, but ahead of queued frames (after a half-written one).
+
+        For frames no queued frame needs to precede: replies to ``ping``, pongs.
+        """
+        queue = self._queue
+        if self._state is not OutboxState.OPEN or not queue:
+            return self.offer(data)
+        queue.insert(1 if isinstance(queue[0], memoryview) else 0, data)
+        self._queued += len(data)
+        if self._queued > self._shrink_at:
+            return self._relieve()
         return True
 
     def close(self, final: bytes = b"") -> None:
@@ -171,6 +193,28 @@ class Outbox:
                 queue[done] = memoryview(head)[written:]
                 written = 0
         del queue[:done]
+        if not queue and self._backlog is not None:
+            self._shrink_at = self._limit // 4
+
+    def _relieve(self) -> bool:
+        """The queue passed its shrink mark: coalesce, then drop, then overflow. False on overflow."""
+        backlog = self._backlog
+        if backlog is not None:
+            queue = self._queue
+            keep = 1 if isinstance(queue[0], memoryview) else 0  # half on the wire: leave it whole
+            for drop in (False, True):
+                shrunk = backlog.shrink(queue[keep:], drop=drop)
+                del queue[keep:]
+                queue.extend(shrunk)
+                self._queued = sum(len(item) for item in queue)
+                if self._queued <= self._limit:
+                    break
+        if self._queued > self._limit:
+            self._overflow()
+            return False
+        # Try again halfway to the limit: shrinking costs a decode of the whole queue.
+        self._shrink_at = max(self._limit // 4, self._queued + (self._limit - self._queued) // 2)
+        return True
 
     def _overflow(self) -> None:
         # Keep the unsent tail of a frame already partly on the wire (a memoryview:

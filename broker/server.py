@@ -32,7 +32,9 @@ from typing import Any
 import trio
 
 import protocol as p
-from broker.config import Config
+from broker.backlog import Backlog, BacklogStatistics
+from broker.config import ChannelOptions, Config
+from broker.history import EngineStatistics, MemoryEngine
 from broker.http import serve_http
 from broker.hub import Hub, HubStatistics, Publication
 from broker.ws import WsConnection
@@ -42,6 +44,10 @@ log = logging.getLogger("tokenfan")
 # Errors accept() may raise when the process runs out of descriptors or memory;
 # the listener backs off and tries again instead of dying (as trio.serve_listeners does).
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+#: How often expired history is dropped.
+HISTORY_SWEEP_INTERVAL = 1.0
+#: Channel names whose options are remembered (the cache is emptied when it fills).
+_OPTIONS_CACHE_SIZE = 10_000
 
 
 class EmitError(ValueError):
@@ -55,6 +61,8 @@ class BrokerStatistics:
     connections: int  #: WebSocket clients
     tcp_connections: int  #: every open TCP connection, HTTP ones included
     hub: HubStatistics
+    history: EngineStatistics
+    backlog: BacklogStatistics
     bytes_queued: int
     slow_disconnects: int
     accepting: bool
@@ -65,7 +73,10 @@ class Broker:
 
     def __init__(self, config: Config | None = None) -> None:
         self.config = config or Config()
-        self.hub = Hub(batching=self.config.batching)
+        self._options: dict[str, ChannelOptions] = {}
+        self.engine = MemoryEngine(self.channel_options, max_bytes=self.config.history_max_bytes)
+        self.hub = Hub(self.engine, batching=self.config.batching)
+        self.backlog = Backlog(self.channel_options)
         self.connections: set[WsConnection] = set()
         self.port: int | None = None
         self._tcp_connections = 0
@@ -77,30 +88,56 @@ class Broker:
 
     # -- emitting ------------------------------------------------------------------
 
-    def emit(self, channel: str, event: str, data: Any = None) -> int:
+    def emit(self, channel: str, event: str, data: Any = None, *, persist: bool | None = None) -> int:
         """Publish ``event`` with ``data`` on ``channel`` to every subscriber; return its offset.
 
         Synchronous and non-blocking: fan-out happens in the broker's flusher
-        (or right here with ``batching = false``).
+        (or right here with ``batching = false``). ``persist`` overrides whether
+        the channel keeps this publication in its history (the default: if
+        its ``history_size`` is above 0).
 
         Raises:
-            EmitError: the channel or event name is invalid, or ``data`` is not
+            EmitError: the channel or event name is invalid, ``data`` is not
                 made of msgpack-encodable values (nil, bool, int, float, str,
-                bytes, lists, and dicts with str keys).
+                bytes, lists, and dicts with str keys), or ``persist=True`` on
+                a channel that keeps no history.
         """
-        return self.publish(channel, event, data, validate=True).offset
+        return self.publish(channel, event, data, persist=persist).offset
 
-    def publish(self, channel: str, event: str, data: Any = None, *, validate: bool = True) -> Publication:
+    def publish(self, channel: str, event: str, data: Any = None, *, persist: bool | None = None,
+                validate: bool = True) -> Publication:
         """Like :meth:`emit`, returning the offset and the epoch it belongs to."""
         if validate:
             problem = (p.channel_problem(channel) or p.event_problem(event)
-                       or p.data_problem(data, self._data_limits))
+                       or p.data_problem(data, self._data_limits) or self.persist_problem(channel, persist))
             if problem is not None:
                 raise EmitError(problem)
+        if persist is None:
+            persist = self.channel_options(channel).persist
         try:
-            return self.hub.publish(channel, event, data)
+            return self.hub.publish(channel, event, data, persist=persist)
         except p.LocalProtocolError as exc:
             raise EmitError(str(exc)) from None
+
+    def persist_problem(self, channel: str, persist: object) -> str | None:
+        """What is wrong with an emit's ``persist`` value for ``channel``, or None."""
+        if persist is None or persist is False:
+            return None
+        if persist is not True:
+            return f"persist must be true or false, got {persist!r}"
+        if not self.channel_options(channel).persist:
+            return (f"persist: channel {channel} keeps no history; give its pattern a history_size "
+                    "in the [channels] configuration")
+        return None
+
+    def channel_options(self, channel: str) -> ChannelOptions:
+        """The options of ``channel`` (its first matching pattern in the configuration)."""
+        options = self._options.get(channel)
+        if options is None:
+            if len(self._options) >= _OPTIONS_CACHE_SIZE:
+                self._options.clear()
+            options = self._options[channel] = self.config.channel_options(channel)
+        return options
 
     # -- running -------------------------------------------------------------------
 
@@ -117,6 +154,7 @@ class Broker:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.hub.run_flusher)
                 nursery.start_soon(self._heartbeat)
+                nursery.start_soon(self._sweep_history)
                 accept_scope = trio.CancelScope()
                 nursery.start_soon(self._accept_loop, listeners, nursery, accept_scope)
                 self._accepting = True
@@ -148,6 +186,12 @@ class Broker:
             now = trio.current_time()
             for connection in list(self.connections):
                 connection.heartbeat(now)
+
+    async def _sweep_history(self) -> None:
+        """Drop expired history every :data:`HISTORY_SWEEP_INTERVAL`, so idle channels free their memory."""
+        while True:
+            await trio.sleep(HISTORY_SWEEP_INTERVAL)
+            self.engine.expire(trio.current_time())
 
     def shutdown(self) -> None:
         """Begin a graceful shutdown; :meth:`serve` returns when it is done."""
@@ -210,7 +254,7 @@ class Broker:
     def statistics(self) -> BrokerStatistics:
         return BrokerStatistics(
             connections=len(self.connections), tcp_connections=self._tcp_connections,
-            hub=self.hub.statistics(),
+            hub=self.hub.statistics(), history=self.engine.statistics(), backlog=self.backlog.statistics(),
             bytes_queued=sum(c.outbox.statistics().bytes_queued for c in self.connections),
             slow_disconnects=self._slow_disconnects, accepting=self._accepting,
         )
@@ -220,6 +264,9 @@ class Broker:
         return {"ok": True, "accepting": stats.accepting, "connections": stats.connections,
                 "channels": stats.hub.channels, "subscriptions": stats.hub.subscriptions,
                 "publications": stats.hub.publications, "bytes_queued": stats.bytes_queued,
+                "history_publications": stats.history.kept, "history_bytes": stats.history.bytes,
+                "recoveries": stats.hub.recoveries, "recovery_misses": stats.hub.recovery_misses,
+                "coalesced": stats.backlog.coalesced, "dropped": stats.backlog.dropped,
                 "slow_disconnects": stats.slow_disconnects}
 
 

@@ -104,7 +104,7 @@ class WsConnection:
         self.outbox = Outbox(
             self.fd, limit=config.outbox_limit,
             overflow_frames=bye_frames(p.Code.SLOW_CONSUMER, "send buffer full: reading too slowly"),
-            on_overflow=self._on_overflow,
+            on_overflow=self._on_overflow, backlog=broker.backlog,
         )
         self.subscriptions: set[str] = set()
         self.decoder = p.Decoder(peer=p.Peer.CLIENT,
@@ -228,7 +228,7 @@ class WsConnection:
             self.close(p.Code.BAD_FRAME, "text messages are not part of the protocol: send binary msgpack")
         elif isinstance(event, wse.Ping):
             assert self.ws is not None
-            self.outbox.offer(self.ws.send(event.response()))
+            self.outbox.offer_urgent(self.ws.send(event.response()))
         elif isinstance(event, wse.CloseConnection):
             assert self.ws is not None
             self.close_code = None
@@ -248,51 +248,68 @@ class WsConnection:
                 if exc.id is None:
                     self.close(exc.code, exc.msg)
                     return
-                self.reply(p.Err(id=exc.id, code=exc.code, msg=exc.msg))
+                self.reply_urgent(p.Err(id=exc.id, code=exc.code, msg=exc.msg))
                 continue
             self.frames_received += 1
-            self.reply(self._handle(frame))
+            self._handle(frame)
             if self.outbox.state is not OutboxState.OPEN:
                 return
 
     # -- commands ---------------------------------------------------------------
 
     def reply(self, frame: p.Frame) -> None:
+        """Queue a reply behind everything sent before it."""
         self.outbox.offer(p.ws_frame(p.encode(frame)))
 
-    def _handle(self, frame: p.Frame) -> p.Frame:
+    def reply_urgent(self, frame: p.Frame) -> None:
+        """Queue a reply that no queued publication needs to precede, ahead of a backlog."""
+        self.outbox.offer_urgent(p.ws_frame(p.encode(frame)))
+
+    def _handle(self, frame: p.Frame) -> None:
         broker = self.broker
-        hub = broker.hub
         if isinstance(frame, p.Sub):
-            if frame.ch in self.subscriptions:
-                return p.Err(id=frame.id, code=p.Code.ALREADY_SUBSCRIBED,
-                             msg=f"already subscribed to {frame.ch}")
-            if len(self.subscriptions) >= broker.config.max_subscriptions:
-                return p.Err(id=frame.id, code=p.Code.TOO_MANY_SUBSCRIPTIONS,
-                             msg=f"a connection may hold at most {broker.config.max_subscriptions} "
-                                 "subscriptions")
-            channel = hub.subscribe(frame.ch, self.outbox)
-            self.subscriptions.add(frame.ch)
-            since = frame.since
-            recovered = since is not None and since.ep == channel.epoch and since.o == channel.top
-            return p.Ok(id=frame.id, ch=frame.ch, o=channel.top, ep=channel.epoch, recovered=recovered)
-        if isinstance(frame, p.Unsub):
+            self._subscribe(frame)
+        elif isinstance(frame, p.Unsub):
+            # In order: no ev of the channel may follow this ok.
             if frame.ch not in self.subscriptions:
-                return p.Err(id=frame.id, code=p.Code.NOT_SUBSCRIBED, msg=f"not subscribed to {frame.ch}")
+                self.reply(p.Err(id=frame.id, code=p.Code.NOT_SUBSCRIBED,
+                                 msg=f"not subscribed to {frame.ch}"))
+                return
             self.subscriptions.discard(frame.ch)
-            hub.unsubscribe(frame.ch, self.outbox)
-            return p.Ok(id=frame.id)
-        if isinstance(frame, p.Pub):
-            if not broker.config.channel_options(frame.ch).allows_client_event(frame.ev):
-                return p.Err(id=frame.id, code=p.Code.NOT_ALLOWED,
-                             msg=f"clients may not publish {frame.ev} on {frame.ch}")
+            broker.hub.unsubscribe(frame.ch, self.outbox)
+            self.reply(p.Ok(id=frame.id))
+        elif isinstance(frame, p.Pub):
+            if not broker.channel_options(frame.ch).allows_client_event(frame.ev):
+                self.reply_urgent(p.Err(id=frame.id, code=p.Code.NOT_ALLOWED,
+                                        msg=f"clients may not publish {frame.ev} on {frame.ch}"))
+                return
             pub = broker.publish(frame.ch, frame.ev, frame.d)
-            return p.Ok(id=frame.id, o=pub.offset, ep=pub.epoch)
-        if isinstance(frame, p.Ping):
-            return p.Ok(id=frame.id)
-        if isinstance(frame, p.Hello):
-            return p.Ok(id=frame.id, server=SERVER_NAME)
-        raise AssertionError(f"unhandled client frame {frame!r}")  # pragma: no cover
+            self.reply_urgent(p.Ok(id=frame.id, o=pub.offset, ep=pub.epoch))
+        elif isinstance(frame, p.Ping):
+            self.reply_urgent(p.Ok(id=frame.id))
+        elif isinstance(frame, p.Hello):
+            self.reply_urgent(p.Ok(id=frame.id, server=SERVER_NAME))
+        else:  # pragma: no cover
+            raise AssertionError(f"unhandled client frame {frame!r}")
+
+    def _subscribe(self, frame: p.Sub) -> None:
+        """Join the channel, then send ``ok`` and any replay in one offer, before anything live."""
+        limit = self.broker.config.max_subscriptions
+        if frame.ch in self.subscriptions:
+            self.reply_urgent(p.Err(id=frame.id, code=p.Code.ALREADY_SUBSCRIBED,
+                                    msg=f"already subscribed to {frame.ch}"))
+            return
+        if len(self.subscriptions) >= limit:
+            self.reply_urgent(p.Err(id=frame.id, code=p.Code.TOO_MANY_SUBSCRIPTIONS,
+                                    msg=f"a connection may hold at most {limit} subscriptions"))
+            return
+        # A replay may fill half the send buffer; one that needs more is not attempted.
+        joined = self.broker.hub.subscribe(frame.ch, self.outbox, since=frame.since,
+                                           max_replay_bytes=self.broker.config.outbox_limit // 2)
+        self.subscriptions.add(frame.ch)
+        ok = p.ws_frame(p.encode(p.Ok(id=frame.id, ch=frame.ch, o=joined.after, ep=joined.epoch,
+                                      recovered=joined.recovered)))
+        self.outbox.offer(ok + joined.replay if joined.replay else ok)
 
     def __repr__(self) -> str:
         return f"<WsConnection subscriptions={len(self.subscriptions)} {self.outbox.state.value}>"

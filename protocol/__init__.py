@@ -23,6 +23,7 @@ from protocol.frames import (
     Err,
     Ev,
     Frame,
+    Gap,
     Hello,
     Ok,
     Ping,
@@ -33,13 +34,13 @@ from protocol.frames import (
     Unsub,
 )
 from protocol.limits import CLIENT_LIMITS, SERVER_LIMITS, Limits, channel_problem, event_problem
-from protocol.wsframe import Opcode, ws_close_frame, ws_frame
+from protocol.wsframe import Opcode, split_ws_frames, ws_close_frame, ws_frame
 
 __all__ = [
     "CLIENT_LIMITS", "SERVER_LIMITS", "Bye", "ClientFrame", "Code", "Decoder", "Err", "Ev",
-    "Frame", "Hello", "Limits", "LocalProtocolError", "Ok", "Opcode", "Peer", "Ping",
+    "Frame", "Gap", "Hello", "Limits", "LocalProtocolError", "Ok", "Opcode", "Peer", "Ping",
     "Position", "ProtocolError", "Pub", "RemoteProtocolError", "ServerFrame", "Sub", "Unsub",
     "channel_problem", "data_problem", "decode_message", "encode", "encode_batch", "encode_event",
     "event_problem",
-    "from_wire", "to_wire", "ws_close_frame", "ws_frame",
+    "from_wire", "split_ws_frames", "to_wire", "ws_close_frame", "ws_frame",
 ]

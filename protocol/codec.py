@@ -87,7 +87,7 @@ def to_wire(frame: Frame) -> dict[str, Any]:
         if value is None and field.name not in _ALWAYS_ENCODED:
             continue
         if isinstance(value, Position):
-            value = {"o": value.o, "ep": value.ep}
+            value = {"o": value.o} if value.ep is None else {"o": value.o, "ep": value.ep}
         wire[field.name] = value
     return wire
 
@@ -184,13 +184,14 @@ def _check_field(name: str, value: object, limits: Limits) -> tuple[object, str 
         return value, None
     # kind == "position"
     if not isinstance(value, dict):
-        return value, f"{name} must be a map with keys o and ep"
+        return value, f"{name} must be a map with keys o and (optionally) ep"
     offset, problem = _check_field("o", value.get("o"), limits)
-    if problem is None:
-        epoch, problem = _check_field("ep", value.get("ep"), limits)
+    epoch = value.get("ep")
+    if problem is None and epoch is not None:
+        epoch, problem = _check_field("ep", epoch, limits)
     if problem is not None:
         return value, f"{name}.{problem}"
-    assert isinstance(offset, int) and isinstance(epoch, str)
+    assert isinstance(offset, int) and (epoch is None or isinstance(epoch, str))
     return Position(o=offset, ep=epoch), None
 
 

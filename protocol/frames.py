@@ -7,7 +7,7 @@ required; optional fields that are ``None`` are left out of the encoding
 
 Client to server: :class:`Hello`, :class:`Sub`, :class:`Unsub`, :class:`Pub`,
 :class:`Ping` (each carries an ``id`` its reply echoes). Server to client:
-:class:`Ok`, :class:`Err`, :class:`Ev`, :class:`Bye`.
+:class:`Ok`, :class:`Err`, :class:`Ev`, :class:`Gap`, :class:`Bye`.
 """
 
 from __future__ import annotations
@@ -18,10 +18,15 @@ from typing import Any, ClassVar
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Position:
-    """A point in a channel's stream: offset ``o`` within epoch ``ep``."""
+    """A point in a channel's stream: offset ``o`` within epoch ``ep``.
+
+    In ``sub``'s ``since``, ``ep`` may be omitted (None): "the current epoch,
+    whatever it is", which asks to catch up on what history holds after ``o``
+    rather than to recover exactly.
+    """
 
     o: int
-    ep: str
+    ep: str | None = None
 
 
 # -- client to server ---------------------------------------------------------
@@ -123,6 +128,19 @@ class Ev:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Gap:
+    """Publications ``o0`` … ``o`` of ``ch`` were dropped for this reader (``slow_policy = "drop"``).
+
+    The client can fetch them from history (``GET /api/history``) if it needs them.
+    """
+
+    TYPE: ClassVar[str] = "gap"
+    ch: str
+    o0: int
+    o: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Bye:
     """Sent just before the server closes the connection: why, and whether to reconnect."""
 
@@ -133,12 +151,12 @@ class Bye:
 
 
 ClientFrame = Hello | Sub | Unsub | Pub | Ping
-ServerFrame = Ok | Err | Ev | Bye
+ServerFrame = Ok | Err | Ev | Gap | Bye
 Frame = ClientFrame | ServerFrame
 
 CLIENT_FRAME_TYPES: dict[str, type[ClientFrame]] = {
     cls.TYPE: cls for cls in (Hello, Sub, Unsub, Pub, Ping)
 }
 SERVER_FRAME_TYPES: dict[str, type[ServerFrame]] = {
-    cls.TYPE: cls for cls in (Ok, Err, Ev, Bye)
+    cls.TYPE: cls for cls in (Ok, Err, Ev, Gap, Bye)
 }

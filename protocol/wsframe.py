@@ -50,3 +50,39 @@ def ws_close_frame(code: int, reason: str = "") -> bytes:
     # Cutting may split a UTF-8 sequence; drop the partial character.
     encoded = encoded.decode("utf-8", "ignore").encode("utf-8")
     return ws_frame(struct.pack("!H", code) + encoded, Opcode.CLOSE)
+
+
+def split_ws_frames(data: bytes | memoryview) -> list[tuple[Opcode, int, int, int]] | None:
+    """Split bytes made of whole, final, unmasked frames (what the server writes).
+
+    Returns ``(opcode, start, payload_start, end)`` for each frame, or None if
+    ``data`` is anything else (a fragment, a masked frame, an HTTP response).
+    """
+    frames: list[tuple[Opcode, int, int, int]] = []
+    size = len(data)
+    index = 0
+    while index < size:
+        if size - index < 2:
+            return None
+        first, second = data[index], data[index + 1]
+        if not first & _FIN or first & 0x70 or second & 0x80:
+            return None
+        try:
+            opcode = Opcode(first & 0x0F)
+        except ValueError:
+            return None
+        length, header = second & 0x7F, 2
+        if length == 126:
+            if size - index < 4:
+                return None
+            length, header = struct.unpack_from("!H", data, index + 2)[0], 4
+        elif length == 127:
+            if size - index < 10:
+                return None
+            length, header = struct.unpack_from("!Q", data, index + 2)[0], 10
+        end = index + header + length
+        if end > size:
+            return None
+        frames.append((opcode, index, index + header, end))
+        index = end
+    return frames

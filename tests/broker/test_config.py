@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
 import pytest
 
-from broker.config import Config, ConfigError, config_fields, load_config
+from broker.config import ChannelOptions, Config, ConfigError, SlowPolicy, config_fields, load_config
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
@@ -77,3 +78,48 @@ def test_docs_list_every_option_with_its_default() -> None:
     for name, shown in rows.items():
         parsed = load_config(env={f"TOKENFAN_{name.upper()}": shown})
         assert getattr(parsed, name) == getattr(defaults, name), name
+
+
+def test_docs_list_every_channel_option() -> None:
+    text = DOC.read_text()
+    table = text.split("<!-- channel-options-table")[1].split("<!-- /channel-options-table -->")[0]
+    rows = re.findall(r"^\| `(\w+)` \|", table, re.MULTILINE)
+    assert rows == [f.name for f in dataclasses.fields(ChannelOptions)]
+
+
+def test_channel_options_for_history_and_slow_readers(tmp_path: Path) -> None:
+    path = tmp_path / "tokenfan.toml"
+    path.write_text('[channels."ai-chat/*"]\nhistory_ttl = "10m"\n'
+                    '[channels."cursors/*"]\nslow_policy = "drop"\ncoalesce = { "move" = "path" }\n'
+                    'history_size = 50\nkeep_events = ["final"]\n')
+    config = load_config(path, env={})
+    chat = config.channel_options("ai-chat/1")
+    assert (chat.history_size, chat.history_ttl, chat.client_events) == (10_000, 600.0, ("ai:cancel",))
+    assert chat.persist
+    cursors = config.channel_options("cursors/9")
+    assert cursors.slow_policy is SlowPolicy.DROP
+    assert dict(cursors.coalesce) == {"move": "path"}
+    assert (cursors.history_size, cursors.keep_events) == (50, ("final",))
+    other = config.channel_options("news")
+    assert (other.history_size, other.persist, dict(other.coalesce)) == (0, False, {"ai:token": "token"})
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ("history_size = -1", "history_size must be between 0 and 1000000"),
+        ("history_size = \"lots\"", "history_size: expected an integer"),
+        ("history_ttl = 0", "history_ttl must be a positive duration"),
+        ("slow_policy = \"ignore\"", "slow_policy must be \"disconnect\" or \"drop\""),
+        ("coalesce = [\"ai:token\"]", "coalesce must be a table of event = \"field\""),
+        ("coalesce = { \"bad event\" = \"token\" }", "coalesce has an invalid event name"),
+        ("keep_events = [1]", "keep_events must be a list of event names"),
+    ],
+)
+def test_bad_channel_options_are_named(tmp_path: Path, table: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(f'[channels."x/*"]\n{table}\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert message in str(info.value)
+    assert 'channels."x/*"' in str(info.value)

@@ -158,7 +158,7 @@ async def test_publisher_that_never_yields_keeps_pending_bounded(broker: Broker)
         assert channel is not None
         most = 0
         for i in range(5000):  # about 1 MB, published without a checkpoint
-            broker.emit("tight", "ai:token", {"token": f"{i:0100d}"})
+            broker.emit("tight", "blob", {"token": f"{i:0100d}"})
             most = max(most, channel.log_bytes)
         assert most < MAX_PENDING_BYTES + 200
         got: list[Event] = []

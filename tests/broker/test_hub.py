@@ -10,10 +10,16 @@ import trio
 import trio.testing
 
 import protocol as p
+from broker.config import ChannelOptions
+from broker.history import MemoryEngine
 from broker.hub import WRITES_PER_TURN, Hub
 from broker.outbox import Outbox
 
 SUBSCRIBERS = WRITES_PER_TURN * 2 + 50
+
+
+def make_hub(*, batching: bool) -> Hub:
+    return Hub(MemoryEngine(lambda channel: ChannelOptions(), max_bytes=1 << 20), batching=batching)
 
 
 @pytest.fixture
@@ -50,14 +56,14 @@ def offsets_received(sock: socket.socket) -> list[int]:
 async def test_frames_published_mid_walk_reach_everyone_once_in_order(
     pairs: list[tuple[socket.socket, socket.socket]],
 ) -> None:
-    hub = Hub(batching=True)
+    hub = make_hub(batching=True)
     async with trio.open_nursery() as nursery:
         await nursery.start(hub.run_flusher)
         for a, _ in pairs:
             hub.subscribe("c", Outbox(a.fileno(), limit=1 << 20))
         channel = hub.channel("c")
         assert channel is not None
-        hub.publish("c", "ai:token", {"token": "one"})
+        hub.publish("c", "ai:token", {"token": "one"}, persist=False)
         # Wait until the flusher has yielded in the middle of its walk.
         for _ in range(100):
             seqs = set(channel.subscribers.values())
@@ -65,8 +71,8 @@ async def test_frames_published_mid_walk_reach_everyone_once_in_order(
                 break
             await trio.lowlevel.checkpoint()
         assert len(set(channel.subscribers.values())) > 1, "the walk never yielded mid-channel"
-        hub.publish("c", "ai:token", {"token": "two"})
-        hub.publish("c", "ai:token", {"token": "three"})
+        hub.publish("c", "ai:token", {"token": "two"}, persist=False)
+        hub.publish("c", "ai:token", {"token": "three"}, persist=False)
         await trio.testing.wait_all_tasks_blocked()
         assert not channel.behind
         assert channel.log == []  # everything sent to everyone, log trimmed
@@ -76,10 +82,10 @@ async def test_frames_published_mid_walk_reach_everyone_once_in_order(
 
 
 async def test_unbatched_hub_sends_inside_publish(pairs: list[tuple[socket.socket, socket.socket]]) -> None:
-    hub = Hub(batching=False)
+    hub = make_hub(batching=False)
     for a, _ in pairs[:10]:
         hub.subscribe("c", Outbox(a.fileno(), limit=1 << 20))
-    hub.publish("c", "e", 1)
-    hub.publish("c", "e", 2)
+    hub.publish("c", "e", 1, persist=False)
+    hub.publish("c", "e", 2, persist=False)
     for _, b in pairs[:10]:
         assert offsets_received(b) == [1, 2]

@@ -84,8 +84,15 @@ async def test_slow_consumer_is_cut_off_while_200_others_get_everything(start_br
             subs.append(await client.subscribe(channel, buffer=4096))
         assert broker.hub.statistics().subscriptions == 201
         received: list[list[Event]] = [[] for _ in subs]
+        # "blob" is not coalesced, so this is the plain disconnect path (coalescing: test_history.py).
         payload = {"token": "x" * 1000}
         published = 0
+
+        async def caught_up(behind: int) -> None:
+            # The healthy clients are Python on the same two cores: let them keep up.
+            while any(len(into) < published - behind for into in received):  # noqa: ASYNC110
+                await trio.sleep(0.001)
+
         with trio.fail_after(30):
             async with trio.open_nursery() as nursery:
                 for sub, into in zip(subs, received, strict=True):
@@ -93,15 +100,14 @@ async def test_slow_consumer_is_cut_off_while_200_others_get_everything(start_br
                 # Publish until the slow reader is cut off (bounded), then a little more.
                 while broker.statistics().slow_disconnects == 0:
                     assert published < 3000, "the slow consumer was never cut off"
-                    broker.emit(channel, "ai:token", payload)
+                    broker.emit(channel, "blob", payload)
                     published += 1
-                    if published % 20 == 0:
-                        await trio.sleep(0.001)
+                    if published % 4 == 0:
+                        await caught_up(4)
                 for _ in range(50):
-                    broker.emit(channel, "ai:token", payload)
+                    broker.emit(channel, "blob", payload)
                     published += 1
-                while any(len(into) < published for into in received):  # noqa: ASYNC110
-                    await trio.sleep(0.01)
+                await caught_up(0)
                 nursery.cancel_scope.cancel()
         for into in received:
             assert [e.offset for e in into] == list(range(1, published + 1))

@@ -120,7 +120,7 @@ def test_codes_decode_as_plain_ints_when_unknown() -> None:
         ({"t": "sub", "id": 5, "ch": "a", "since": 3}, Code.INVALID_FIELD, 5, "since must be a map"),
         ({"t": "sub", "id": 5, "ch": "a", "since": {"o": -1, "ep": "e"}}, Code.INVALID_FIELD, 5,
          "since.o must be between"),
-        ({"t": "sub", "id": 5, "ch": "a", "since": {"o": 1}}, Code.INVALID_FIELD, 5,
+        ({"t": "sub", "id": 5, "ch": "a", "since": {"o": 1, "ep": 7}}, Code.INVALID_FIELD, 5,
          "since.ep must be a string"),
         ({"t": "pub", "id": 6, "ch": "a", "ev": "bad event"}, Code.INVALID_FIELD, 6, "event name"),
         ({"t": "pub", "id": 6, "ch": "a", "ev": "e", "d": {1: 2}}, None, None, "invalid msgpack"),

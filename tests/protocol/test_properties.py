@@ -14,6 +14,7 @@ from protocol import (
     Err,
     Ev,
     Frame,
+    Gap,
     Hello,
     Ok,
     Peer,
@@ -39,7 +40,7 @@ data = st.recursive(
                                                                        max_size=4),
     max_leaves=12,
 )
-positions = st.builds(Position, o=offsets, ep=texts)
+positions = st.builds(Position, o=offsets, ep=st.none() | texts)
 
 client_frames = st.one_of(
     st.builds(Hello, id=ids, token=st.none() | texts, client=st.none() | texts),
@@ -53,6 +54,7 @@ server_frames = st.one_of(
               recovered=st.none() | st.booleans(), server=st.none() | texts),
     st.builds(Err, id=ids, code=st.integers(4000, 4999), msg=texts),
     st.builds(Ev, ch=names, ev=names, d=data, o=offsets, o0=st.none() | offsets),
+    st.builds(Gap, ch=names, o0=offsets, o=offsets),
     st.builds(Bye, code=st.integers(4000, 4999), msg=texts, reconnect=st.booleans()),
 )
 

@@ -12,7 +12,7 @@ from protocol import Peer, decode_message, encode_batch, from_wire, to_wire
 from tests.protocol.vector_frames import SOURCES, VECTORS_PATH, from_json
 
 VECTORS: list[dict[str, Any]] = json.loads(VECTORS_PATH.read_text())
-FRAME_TYPES = {"hello", "sub", "unsub", "pub", "ping", "ok", "err", "ev", "bye"}
+FRAME_TYPES = {"hello", "sub", "unsub", "pub", "ping", "ok", "err", "ev", "gap", "bye"}
 
 
 def _peer(vector: dict[str, Any]) -> Peer:
