@@ -15,9 +15,10 @@ from typing import Any
 
 import trio
 
-from broker.client import ClientError, Event, connect
+from broker.client import ClientError, Event, ServerClosed, State, StreamLost, Subscribed, connect
 from broker.config import ConfigError, load_config
 from broker.server import Broker
+from protocol import Position
 
 DEFAULT_HTTP_URL = "http://127.0.0.1:8765"
 DEFAULT_WS_URL = "ws://127.0.0.1:8765/ws"
@@ -129,18 +130,44 @@ def _print_event(event: Event, as_json: bool) -> None:
               flush=True)
 
 
-async def _tail(url: str, channel: str, as_json: bool) -> None:
-    async with connect(url) as client:
-        sub = await client.subscribe(channel)
-        print(f"subscribed to {channel} at offset {sub.offset} (epoch {sub.epoch})", file=sys.stderr,
-              flush=True)
-        async for event in sub:
-            _print_event(event, as_json)
+def _note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _on_state(state: State, why: ServerClosed | None) -> None:
+    if state == "reconnecting":
+        _note(f"tokenfan: {why}; reconnecting")
+
+
+def _on_subscribed(status: Subscribed) -> None:
+    verb = "resubscribed" if status.resubscribed else "subscribed"
+    recovery = ""
+    if status.resubscribed or status.recovered:
+        recovery = (", everything missed follows" if status.recovered
+                    else ", NOT recovered: events were missed")
+    _note(f"{verb} to {status.channel} after offset {status.offset} (epoch {status.epoch}){recovery}")
+
+
+async def _tail(url: str, channel: str, as_json: bool, since: Position | None, reconnect: bool) -> None:
+    async with connect(url, reconnect=reconnect, on_state=_on_state) as client:
+        sub = client.channel(channel).on_subscribed(_on_subscribed)
+        await sub.subscribe(since=since)
+        while True:
+            try:
+                async for event in sub:
+                    _print_event(event, as_json)
+                return
+            except StreamLost as lost:
+                _note(f"tokenfan: {lost}")
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
+    if args.epoch is not None and args.since is None:
+        print("tokenfan: --epoch needs --since", file=sys.stderr)
+        return 2
+    since = None if args.since is None else Position(o=args.since, ep=args.epoch)
     try:
-        trio.run(_tail, _ws_url(args.url), args.channel, args.json)
+        trio.run(_tail, _ws_url(args.url), args.channel, args.json, since, not args.no_reconnect)
     except KeyboardInterrupt:
         return 130
     except ClientError as exc:
@@ -150,6 +177,12 @@ def cmd_tail(args: argparse.Namespace) -> int:
         print(f"tokenfan: cannot reach {args.url}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _offset(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"an offset is a whole number ≥ 0, not {text!r}")
+    return int(text)
 
 
 # -- entry point -------------------------------------------------------------------
@@ -176,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     tail = commands.add_parser("tail", help="print a channel's events as they arrive")
     tail.add_argument("--url", default=DEFAULT_WS_URL, help=f"broker URL (default {DEFAULT_WS_URL})")
     tail.add_argument("--json", action="store_true", help="print one JSON frame per line")
+    tail.add_argument("--since", type=_offset, metavar="O",
+                      help="start after offset O: with --epoch, recover exactly from there; "
+                           "without, whatever history holds after O (0: the stream so far)")
+    tail.add_argument("--epoch", metavar="E", help="the epoch --since refers to")
+    tail.add_argument("--no-reconnect", action="store_true",
+                      help="exit when the connection ends instead of reconnecting and recovering")
     tail.add_argument("channel")
     tail.set_defaults(func=cmd_tail)
     return parser

@@ -13,26 +13,40 @@ or, like the browser API::
     chat.on("ai:token", lambda e: print(e.data["token"], end="")).on("ai:done", done)
     await chat.subscribe()
 
+Reconnection: when the connection drops, or the server says ``bye`` with
+``reconnect: true`` (shutting down, slow consumer, idle), the client
+reconnects with jittered exponential backoff and subscribes again to every
+channel with ``since`` set to the last offset and epoch it saw, so the app
+sees every publication exactly once. When the server cannot recover a
+channel (its history no longer reaches back), the subscription's
+:attr:`Subscription.recovered` is False, its ``on_subscribed`` callbacks are
+told, and its iterator raises :class:`StreamLost` once before going on with
+live events. ``connect(..., reconnect=False)`` turns all this off.
+
 Errors: a command the server refuses raises :class:`CommandError` (``code``,
-``msg``); when the server says ``bye`` or the connection drops, pending
-commands and iterators raise :class:`ServerClosed` (``code``, ``msg``,
-``reconnect``).
+``msg``); a command whose connection ends before its reply raises
+:class:`ServerClosed` (``code``, ``msg``, ``reconnect``), and so do iterators
+once the client stops for good (``bye`` with ``reconnect: false``, or
+reconnection turned off).
 
 Backpressure: one task reads the socket and hands events to each
 subscription's bounded queue; a subscription whose queue is full makes that
 task wait, so a consumer that stops reading slows the whole connection until
-the broker cuts it off as a slow consumer.
+the broker cuts it off as a slow consumer (and the client then reconnects
+and recovers).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
+import random
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import trio
 import trio_websocket
@@ -40,6 +54,7 @@ import trio_websocket
 import protocol as p
 
 Handler = Callable[["Event"], None]
+State = Literal["connecting", "open", "reconnecting", "closed"]
 
 
 class ClientError(Exception):
@@ -65,6 +80,15 @@ class ServerClosed(ClientError):
         self.reconnect = reconnect
 
 
+class StreamLost(ClientError):
+    """After a reconnect, the server could not replay what this subscription missed."""
+
+    def __init__(self, channel: str) -> None:
+        super().__init__(f"publications of {channel} were missed during a reconnect and could not be "
+                         "recovered; reload the state from elsewhere")
+        self.channel = channel
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Event:
     """One publication received on a subscribed channel."""
@@ -74,6 +98,24 @@ class Event:
     data: Any
     offset: int
     first_offset: int  #: equal to ``offset`` unless the server merged several publications
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Subscribed:
+    """What the server said to a (re)subscription."""
+
+    channel: str
+    offset: int  #: publications after this offset follow
+    epoch: str
+    recovered: bool  #: everything asked for with ``since`` is in what follows
+    resubscribed: bool  #: True after a reconnect, False for the first subscription
+
+
+_LOST = object()  # queued for an iterator: StreamLost
+
+
+def _sub_frame(channel: str, since: p.Position | None, frame_id: int) -> p.Sub:
+    return p.Sub(id=frame_id, ch=channel, since=since)
 
 
 class Subscription:
@@ -86,9 +128,11 @@ class Subscription:
         self.epoch: str | None = None
         self.recovered = False
         self.active = False
+        self.missed: list[tuple[int, int]] = []  #: offset ranges the server dropped (``gap`` frames)
         self._handlers: dict[str, list[Handler]] = {}
+        self._on_subscribed: list[Callable[[Subscribed], None]] = []
         self._queue = buffer > 0
-        self._send, self._receive = trio.open_memory_channel[Event](max(buffer, 0))
+        self._send, self._receive = trio.open_memory_channel[Any](max(buffer, 0))
 
     def on(self, event: str, handler: Handler) -> Self:
         """Call ``handler(Event)`` for each ``event`` (``"*"`` for every event). Chainable.
@@ -99,31 +143,55 @@ class Subscription:
         self._handlers.setdefault(event, []).append(handler)
         return self
 
+    def on_subscribed(self, callback: Callable[[Subscribed], None]) -> Self:
+        """Call ``callback(Subscribed)`` each time the server confirms this subscription. Chainable."""
+        self._on_subscribed.append(callback)
+        return self
+
     async def subscribe(self, *, since: p.Position | None = None) -> Self:
         """Subscribe; with ``since``, ask to recover what was published after it.
 
+        ``since=Position(o=0)`` (no epoch) asks for the stream so far: whatever
+        the channel's history holds, then live publications.
+
         Raises:
             CommandError: the server refused (bad name, limit, already subscribed).
+            ServerClosed: the connection ended before the server answered.
         """
         if self._handlers:
             self._queue = False
         self.client._subscriptions[self.channel] = self
         try:
-            ok = await self.client.request(lambda i: p.Sub(id=i, ch=self.channel, since=since))
+            await self.client.request(functools.partial(_sub_frame, self.channel, since),
+                                      on_reply=self._confirmed)
         except BaseException:
             if not self.active:
                 self.client._subscriptions.pop(self.channel, None)
             raise
-        self.active = True
-        self.offset, self.epoch, self.recovered = ok.o, ok.ep, bool(ok.recovered)
         return self
 
     async def unsubscribe(self) -> None:
         """Stop receiving; iteration ends once the events already queued are read."""
-        await self.client.request(lambda i: p.Unsub(id=i, ch=self.channel))
-        self.active = False
-        self.client._subscriptions.pop(self.channel, None)
-        self._send.close()
+        self.active = False  # not resubscribed if the connection drops meanwhile
+        try:
+            with contextlib.suppress(ServerClosed):  # gone with the connection anyway
+                await self.client.request(lambda i: p.Unsub(id=i, ch=self.channel))
+        finally:
+            # Events that came before the ok are still queued for the iterator.
+            self.client._subscriptions.pop(self.channel, None)
+            self._send.close()
+
+    def _confirmed(self, ok: p.Ok, *, resubscribed: bool = False) -> None:
+        """Apply the ``ok`` of a ``sub``, in the reader task, before any event that follows it."""
+        self.active = True
+        self.offset, self.epoch, self.recovered = ok.o, ok.ep, bool(ok.recovered)
+        status = Subscribed(channel=self.channel, offset=ok.o or 0, epoch=ok.ep or "",
+                            recovered=self.recovered, resubscribed=resubscribed)
+        if resubscribed and not self.recovered and self._queue:
+            with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+                self._send.send_nowait(_LOST)
+        for callback in self._on_subscribed:
+            callback(status)
 
     def _deliver_nowait(self, event: Event) -> bool:
         """Run handlers; return True if the event still has to be queued."""
@@ -138,23 +206,40 @@ class Subscription:
 
     async def __anext__(self) -> Event:
         try:
-            return await self._receive.receive()
+            item = await self._receive.receive()
         except trio.EndOfChannel:
             if self.client.closed is not None:
                 raise self.client.closed from None
             raise StopAsyncIteration from None
+        if item is _LOST:
+            raise StreamLost(self.channel)
+        assert isinstance(item, Event)
+        return item
 
 
 class Client:
-    """A connection to a tokenfan broker. Use :func:`connect` to make one."""
+    """A connection to a tokenfan broker that reconnects. Use :func:`connect` to make one."""
 
-    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
-        self.ws = ws
-        self.closed: ServerClosed | None = None
+    def __init__(self, url: str, *, reconnect: bool, backoff: tuple[float, float],
+                 max_message_size: int, connect_timeout: float,
+                 on_state: Callable[[State, ServerClosed | None], None] | None = None) -> None:
+        self.url = url
+        self._on_state = on_state
+        self.state: State = "connecting"
+        self.closed: ServerClosed | None = None  #: why the client stopped for good
+        self.reconnects = 0  #: connections made after the first
+        self._reconnect = reconnect
+        self._backoff = backoff
+        self._max_message_size = max_message_size
+        self._connect_timeout = connect_timeout
+        self._ws: trio_websocket.WebSocketConnection | None = None
+        self._open = trio.Event()
+        self._scope = trio.CancelScope()  # the current connection's reader, or the backoff wait
+        self._finished = trio.Event()
         self._ids = itertools.count(1)
-        self._waiting: dict[int, tuple[trio.Event, list[p.Frame]]] = {}
+        self._waiting: dict[int, tuple[trio.Event, list[p.Frame], Callable[[p.Ok], None] | None]] = {}
         self._subscriptions: dict[str, Subscription] = {}
-        self._decoder = p.Decoder(peer=p.Peer.SERVER, limits=p.SERVER_LIMITS)
+        self._bye: ServerClosed | None = None
 
     def channel(self, name: str, *, buffer: int = 1024) -> Subscription:
         """A subscription to ``name`` that is not yet active: add handlers, then ``await .subscribe()``."""
@@ -179,29 +264,35 @@ class Client:
         ok = await self.request(lambda i: p.Hello(id=i, token=token, client=client))
         return ok.server
 
-    async def request(self, build: Callable[[int], p.ClientFrame]) -> p.Ok:
-        """Send the command ``build(id)`` and wait for its reply.
+    async def request(self, build: Callable[[int], p.ClientFrame],
+                      on_reply: Callable[[p.Ok], None] | None = None) -> p.Ok:
+        """Send the command ``build(id)`` (once connected) and wait for its reply.
+
+        ``on_reply`` runs in the reader task as soon as the ``ok`` arrives,
+        before any frame after it is handled.
 
         Raises:
             CommandError: the reply was ``err``.
-            ServerClosed: the connection ended first.
+            ServerClosed: the client has stopped, or the connection ended before the reply.
         """
-        if self.closed is not None:
-            raise self.closed
+        while self._ws is None or not self._open.is_set():
+            if self.closed is not None:
+                raise self.closed
+            await self._open.wait()
+        ws = self._ws
         frame_id = next(self._ids)
         done = trio.Event()
         slot: list[p.Frame] = []
-        self._waiting[frame_id] = (done, slot)
+        self._waiting[frame_id] = (done, slot, on_reply)
         try:
-            # If the send fails, the reader records why the connection closed and wakes us.
+            # If the send fails, the reader notices the closed connection and wakes us.
             with contextlib.suppress(trio_websocket.ConnectionClosed):
-                await self.ws.send_message(p.encode(build(frame_id)))
+                await ws.send_message(p.encode(build(frame_id)))
             await done.wait()
         finally:
             self._waiting.pop(frame_id, None)
         if not slot:
-            assert self.closed is not None
-            raise self.closed
+            raise self.closed or self._bye or ServerClosed(1006, "connection lost before the reply", True)
         reply = slot[0]
         if isinstance(reply, p.Err):
             raise CommandError(reply.code, reply.msg)
@@ -209,41 +300,122 @@ class Client:
         return reply
 
     async def aclose(self) -> None:
-        """Close the connection cleanly."""
-        await self.ws.aclose()
+        """Close the connection cleanly and stop reconnecting."""
+        self._reconnect = False
+        self.closed = self.closed or ServerClosed(1000, "client closed", False)
+        for sub in self._subscriptions.values():
+            sub._send.close()  # a reader blocked on a full queue must not hold up the close
+        # Stop reading (or waiting to reconnect); open_websocket then closes the
+        # WebSocket politely while trio-websocket's own reader still runs.
+        self._scope.cancel()
+        await self._finished.wait()
 
-    async def _read(self) -> None:
+    # -- the connection loop --------------------------------------------------------------
+
+    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, read, and reconnect with backoff until told to stop. The first failure raises."""
+        try:
+            await self._connect_and_read(task_status)
+        finally:
+            self._finished.set()
+
+    async def _connect_and_read(self, task_status: trio.TaskStatus[None]) -> None:
+        attempt = 0
+        started = False
+        while True:
+            failure: BaseException | None = None
+            try:
+                async with open_websocket(self.url, max_message_size=self._max_message_size,
+                                          connect_timeout=self._connect_timeout) as ws:
+                    attempt = 0
+                    self._bye = None
+                    async with trio.open_nursery() as nursery:
+                        self._scope = nursery.cancel_scope
+                        if self.closed is not None:
+                            self._scope.cancel()  # aclose() came while connecting
+                        self._ws = ws
+                        self._set_state("open")
+                        self._open.set()
+                        if started:
+                            self.reconnects += 1
+                            nursery.start_soon(self._resubscribe)
+                        else:
+                            started = True
+                            task_status.started()
+                        await self._read(ws)
+                        nursery.cancel_scope.cancel()
+            except* (OSError, trio_websocket.HandshakeError, trio.TooSlowError) as group:
+                failure = _first_leaf(group)
+            finally:
+                self._ws = None
+                self._open = trio.Event()
+                for done, _slot, _hook in self._waiting.values():
+                    done.set()
+            if failure is not None and not started:
+                raise failure
+            ended = (ServerClosed(1006, f"cannot connect: {failure}", True) if failure is not None
+                     else self._bye or ServerClosed(1006, "connection lost", True))
+            if not (self._reconnect and ended.reconnect):
+                self._stop(self.closed or ended)
+                return
+            self._set_state("reconnecting", ended)
+            low, high = self._backoff
+            with trio.CancelScope() as self._scope:
+                await trio.sleep(min(high, low * 2 ** attempt) * random.uniform(0.5, 1.0))
+            if not self._reconnect:  # aclose() during the wait
+                self._stop(self.closed or ended)
+                return
+            attempt += 1
+
+    def _set_state(self, state: State, why: ServerClosed | None = None) -> None:
+        self.state = state
+        if self._on_state is not None:
+            self._on_state(state, why)
+
+    def _stop(self, why: ServerClosed) -> None:
+        self.closed = why
+        self._set_state("closed", why)
+        self._open.set()  # wake requests waiting for a connection: they raise `closed`
+        for sub in self._subscriptions.values():
+            sub._send.close()
+
+    async def _resubscribe(self) -> None:
+        """After a reconnect: subscribe again to every channel, recovering from the last position."""
+        for sub in list(self._subscriptions.values()):
+            if not sub.active:
+                continue
+            since = p.Position(o=sub.offset, ep=sub.epoch) if sub.offset is not None else None
+            with contextlib.suppress(ServerClosed):  # the next connection tries again
+                await self.request(functools.partial(_sub_frame, sub.channel, since),
+                                   on_reply=functools.partial(sub._confirmed, resubscribed=True))
+
+    async def _read(self, ws: trio_websocket.WebSocketConnection) -> None:
+        """Read one connection until it closes; record a ``bye`` in ``_bye``."""
+        decoder = p.Decoder(peer=p.Peer.SERVER, limits=p.SERVER_LIMITS)
         try:
             while True:
-                message = await self.ws.get_message()
+                message = await ws.get_message()
                 if isinstance(message, str):
                     raise p.RemoteProtocolError("server sent a text message")
-                self._decoder.feed(message)
-                for frame in self._decoder:
+                decoder.feed(message)
+                for frame in decoder:
                     await self._dispatch(frame)
-                self._decoder.end_of_message()
+                decoder.end_of_message()
         except trio_websocket.ConnectionClosed as exc:
             reason = exc.reason
-            if self.closed is None:
+            if self._bye is None:
                 code = reason.code if reason is not None else 1006
-                self.closed = ServerClosed(code, (reason.reason if reason else None) or "connection closed",
-                                           code >= 4100 or code in (1001, 1006))
+                self._bye = ServerClosed(code, (reason.reason if reason else None) or "connection closed",
+                                         code >= 4100 or code in (1001, 1006))
         except p.RemoteProtocolError as exc:
-            self.closed = ServerClosed(exc.code, f"server broke the protocol: {exc.msg}", False)
-            await self.ws.aclose(code=exc.code, reason=exc.msg[:100])
-        finally:
-            if self.closed is None:
-                self.closed = ServerClosed(1006, "client closed", False)
-            for done, _slot in self._waiting.values():
-                done.set()
-            for sub in self._subscriptions.values():
-                sub._send.close()
+            self._bye = ServerClosed(exc.code, f"server broke the protocol: {exc.msg}", False)
+            await ws.aclose(code=exc.code, reason=exc.msg[:100])
 
     async def _dispatch(self, frame: p.Frame) -> None:
         if isinstance(frame, p.Ev):
             sub = self._subscriptions.get(frame.ch)
-            if sub is None:
-                return
+            if sub is None or (sub.offset is not None and frame.o <= sub.offset):
+                return  # not subscribed (any more), or already seen
             event = Event(channel=frame.ch, event=frame.ev, data=frame.d, offset=frame.o,
                           first_offset=frame.o if frame.o0 is None else frame.o0)
             if sub._deliver_nowait(event):
@@ -252,10 +424,24 @@ class Client:
         elif isinstance(frame, (p.Ok, p.Err)):
             waiting = self._waiting.get(frame.id)
             if waiting is not None:
-                waiting[1].append(frame)
-                waiting[0].set()
+                done, slot, hook = waiting
+                slot.append(frame)
+                if hook is not None and isinstance(frame, p.Ok):
+                    hook(frame)
+                done.set()
+        elif isinstance(frame, p.Gap):
+            sub = self._subscriptions.get(frame.ch)
+            if sub is not None:
+                sub.missed.append((frame.o0, frame.o))
+                sub.offset = frame.o
         elif isinstance(frame, p.Bye):
-            self.closed = ServerClosed(frame.code, frame.msg, frame.reconnect)
+            self._bye = ServerClosed(frame.code, frame.msg, frame.reconnect)
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first exception of a group of connection errors, for a one-line message."""
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 @asynccontextmanager
@@ -291,14 +477,28 @@ async def open_websocket(url: str, *, max_message_size: int = p.SERVER_LIMITS.ma
 
 
 @asynccontextmanager
-async def connect(url: str, *, max_message_size: int = p.SERVER_LIMITS.max_frame_size,
-                  connect_timeout: float = 10.0) -> AsyncIterator[Client]:
-    """Connect to a broker's WebSocket endpoint (``ws://host:port/ws``) and yield a :class:`Client`."""
-    async with open_websocket(url, max_message_size=max_message_size,
-                              connect_timeout=connect_timeout) as ws, trio.open_nursery() as nursery:
-        client = Client(ws)
-        nursery.start_soon(client._read)
+async def connect(url: str, *, reconnect: bool = True, backoff: tuple[float, float] = (0.1, 5.0),
+                  max_message_size: int = p.SERVER_LIMITS.max_frame_size,
+                  connect_timeout: float = 10.0,
+                  on_state: Callable[[State, ServerClosed | None], None] | None = None,
+                  ) -> AsyncIterator[Client]:
+    """Connect to a broker's WebSocket endpoint (``ws://host:port/ws``) and yield a :class:`Client`.
+
+    The first connection must succeed (its error is raised here). After that
+    the client reconnects after a drop, waiting ``backoff[0]`` seconds, then
+    twice as long each time up to ``backoff[1]``, each wait jittered down by
+    up to half; ``reconnect=False`` stops at the first drop instead.
+    ``on_state(state, why)`` is called when the state changes to ``open``,
+    ``reconnecting`` (``why``: how the last connection ended) or ``closed``.
+    """
+    client = Client(url, reconnect=reconnect, backoff=backoff, max_message_size=max_message_size,
+                    connect_timeout=connect_timeout, on_state=on_state)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client._run)
         try:
             yield client
         finally:
+            # Close politely (the reader sees the close reply), then stop whatever is left.
+            with trio.CancelScope(shield=True), trio.move_on_after(3):
+                await client.aclose()
             nursery.cancel_scope.cancel()

@@ -47,10 +47,11 @@ async def test_serve_tail_emit_and_sigterm() -> None:
         assert port > 0
 
         tail = await trio.lowlevel.open_process(
-            [*TOKENFAN, "tail", "--url", f"ws://127.0.0.1:{port}/ws", "ai-chat/cli"],
+            [*TOKENFAN, "tail", "--no-reconnect", "--url", f"ws://127.0.0.1:{port}/ws", "ai-chat/cli"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         tail_json = await trio.lowlevel.open_process(
-            [*TOKENFAN, "tail", "--json", "--url", f"ws://127.0.0.1:{port}/ws", "ai-chat/cli"],
+            [*TOKENFAN, "tail", "--json", "--no-reconnect", "--url", f"ws://127.0.0.1:{port}/ws",
+             "ai-chat/cli"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         assert tail.stderr is not None and tail_json.stderr is not None
         for proc in (tail, tail_json):

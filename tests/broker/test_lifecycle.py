@@ -132,7 +132,7 @@ async def test_graceful_shutdown_says_bye(nursery: trio.Nursery) -> None:
         done.set()
 
     await nursery.start(serve_then_flag)
-    async with connect(ws_url(broker)) as client:
+    async with connect(ws_url(broker), reconnect=False) as client:
         sub = await client.subscribe("ai-chat/x")
         broker.emit("ai-chat/x", "ai:token", {"token": "last"})
         broker.shutdown()
