@@ -50,6 +50,7 @@ from typing import Any, Literal, Self
 
 import trio
 import trio_websocket
+import wsproto.utilities
 
 import protocol as p
 
@@ -344,7 +345,10 @@ class Client:
                             task_status.started()
                         await self._read(ws)
                         nursery.cancel_scope.cancel()
-            except* (OSError, trio_websocket.HandshakeError, trio.TooSlowError) as group:
+            except* (OSError, trio.BrokenResourceError, trio_websocket.HandshakeError, trio.TooSlowError,
+                     wsproto.utilities.LocalProtocolError) as group:
+                # (trio-websocket answers a ping that arrives while it closes with a pong that
+                # wsproto refuses; that ends the connection like any other loss.)
                 failure = _first_leaf(group)
             finally:
                 self._ws = None

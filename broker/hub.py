@@ -32,6 +32,7 @@ to the engine's top offset in the replay, later ones live.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +84,10 @@ class HubStatistics:
     pending_channels: int
     recoveries: int  #: ``sub`` with ``since`` that got everything it asked for
     recovery_misses: int  #: ``sub`` with ``since`` answered ``recovered: false``
+
+
+def _join(frames: list[bytes]) -> bytes:
+    return b"".join(frames)
 
 
 class Channel:
@@ -208,16 +213,18 @@ class Hub:
         return Publication(channel=name, offset=stored.offset, epoch=stored.epoch)
 
     def subscribe(self, name: str, outbox: Outbox, *, since: Position | None = None,
-                  max_replay_bytes: int = 1 << 20) -> Subscribed:
+                  max_replay_bytes: int = 1 << 20,
+                  fit: Callable[[list[bytes]], bytes | None] = _join) -> Subscribed:
         """Add ``outbox`` to channel ``name`` (created if needed); say where its stream starts.
 
         Without ``since`` it starts after the channel's top offset. With
         ``since``, and ``since.ep`` given, it recovers every publication after
         ``since.o`` of that epoch, or nothing (``recovered=False``) if history
-        cannot give all of them within ``max_replay_bytes``. With ``since.ep``
-        omitted (catching up) it gets whatever history still holds after
-        ``since.o`` of the current epoch, the newest that fit in
-        ``max_replay_bytes``; ``recovered`` says whether that was everything.
+        cannot give all of them within ``max_replay_bytes``, or ``fit`` (which
+        joins the replayed frames, compacting them if it can) says they do not
+        fit. With ``since.ep`` omitted (catching up) it gets whatever history
+        still holds after ``since.o`` of the current epoch, the newest that fit
+        in ``max_replay_bytes``; ``recovered`` says whether that was everything.
         The caller sends the ``ok`` and then :attr:`Subscribed.replay` before
         yielding, so the subscriber joins the live stream right after the replay.
         """
@@ -234,15 +241,15 @@ class Hub:
         catch_up = since.ep is None
         replay = self.engine.since(name, after=since.o, epoch=since.ep,
                                    limit=MAX_REPLAY, max_bytes=max_replay_bytes, newest=catch_up)
-        if not catch_up and (not replay.recovered or replay.more):
+        joined = fit(replay.frames) if replay.frames else b""
+        if joined is None or (not catch_up and (not replay.recovered or replay.more)):
             self._recovery_misses += 1
             return Subscribed(epoch=epoch, after=top, recovered=False, replay=b"")
         if replay.recovered:
             self._recoveries += 1
         else:
             self._recovery_misses += 1
-        return Subscribed(epoch=epoch, after=replay.after, recovered=replay.recovered,
-                          replay=b"".join(replay.frames))
+        return Subscribed(epoch=epoch, after=replay.after, recovered=replay.recovered, replay=joined)
 
     def unsubscribe(self, name: str, outbox: Outbox) -> None:
         """Remove ``outbox`` from channel ``name``; drop the channel when it is left empty."""

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import trio
 
 from broker.backlog import Backlog
+from protocol import split_ws_frames
 
 # Kernel limit on iovecs per writev; Linux has 1024.
 _IOV_MAX = 1024
@@ -62,8 +63,8 @@ class OutboxStatistics:
 class Outbox:
     """Ordered, byte-bounded send queue of one socket. See the module docstring."""
 
-    __slots__ = ("_backlog", "_fd", "_limit", "_lot", "_overflow_frames", "_queue", "_queued",
-                 "_shrink_at", "_state", "on_overflow", "overflowed")
+    __slots__ = ("_backlog", "_fd", "_head_is_tail", "_limit", "_lot", "_overflow_frames", "_queue",
+                 "_queued", "_shrink_at", "_state", "on_overflow", "overflowed")
 
     def __init__(self, fd: int, *, limit: int, overflow_frames: bytes = b"",
                  on_overflow: Callable[[], None] | None = None, backlog: Backlog | None = None) -> None:
@@ -82,6 +83,8 @@ class Outbox:
         self._overflow_frames = overflow_frames
         # A list, not a deque: an empty deque costs 600 bytes more, on every idle connection.
         self._queue: list[bytes | memoryview] = []
+        # Whether a half-written head (a memoryview) runs to the end of its bytes object.
+        self._head_is_tail = True
         self._queued = 0
         self._state = OutboxState.OPEN
         self._lot = trio.lowlevel.ParkingLot()
@@ -115,6 +118,7 @@ class Outbox:
             if written == len(data):
                 return True
             rest: bytes | memoryview = memoryview(data)[written:] if written else data
+            self._head_is_tail = True
         else:
             rest = data
         self._push(rest)
@@ -190,6 +194,8 @@ class Outbox:
                 written -= len(head)
                 done += 1
             else:
+                if isinstance(head, bytes):
+                    self._head_is_tail = True
                 queue[done] = memoryview(head)[written:]
                 written = 0
         del queue[:done]
@@ -201,7 +207,7 @@ class Outbox:
         backlog = self._backlog
         if backlog is not None:
             queue = self._queue
-            keep = 1 if isinstance(queue[0], memoryview) else 0  # half on the wire: leave it whole
+            keep = self._split_head()  # the frame half on the wire stays whole
             for drop in (False, True):
                 shrunk = backlog.shrink(queue[keep:], drop=drop)
                 del queue[keep:]
@@ -215,6 +221,30 @@ class Outbox:
         # Try again halfway to the limit: shrinking costs a decode of the whole queue.
         self._shrink_at = max(self._limit // 4, self._queued + (self._limit - self._queued) // 2)
         return True
+
+    def _split_head(self) -> int:
+        """Cut a half-written head item after its partly sent frame; return 1 if there is one, else 0.
+
+        A half-written item is a view of the end of a bytes object of whole
+        frames; the frames after the partly sent one can be shrunk like the rest.
+        """
+        queue = self._queue
+        head = queue[0]
+        if not isinstance(head, memoryview):
+            return 0
+        whole = head.obj
+        if not isinstance(whole, bytes) or not self._head_is_tail:
+            return 1
+        frames = split_ws_frames(whole)
+        if frames is None:
+            return 1
+        sent = len(whole) - len(head)
+        boundary = next(end for _opcode, _start, _payload, end in frames if end > sent)
+        if boundary < len(whole):
+            queue[0] = memoryview(whole)[sent:boundary]
+            queue.insert(1, whole[boundary:])
+            self._head_is_tail = False
+        return 1
 
     def _overflow(self) -> None:
         # Keep the unsent tail of a frame already partly on the wire (a memoryview:

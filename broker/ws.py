@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 
 
 SERVER_NAME = "tokenfan/0.1.0"
+#: History read for one recovery, in units of ``outbox_limit``, before coalescing makes it fit.
+REPLAY_READ_FACTOR = 16
 
 
 def bye_frames(code: p.Code, msg: str) -> bytes:
@@ -265,6 +267,15 @@ class WsConnection:
         """Queue a reply that no queued publication needs to precede, ahead of a backlog."""
         self.outbox.offer_urgent(p.ws_frame(p.encode(frame)))
 
+    def _fit_replay(self, frames: list[bytes]) -> bytes | None:
+        """The replayed frames joined, coalesced if large; None if they cannot fill less than half
+        the send buffer (a replay that overflowed it would only end in another reconnect)."""
+        budget = self.broker.config.outbox_limit // 2
+        joined = b"".join(frames)
+        if len(joined) > budget // 2:
+            joined = b"".join(self.broker.backlog.shrink([joined], drop=False))
+        return joined if len(joined) <= budget else None
+
     def _handle(self, frame: p.Frame) -> None:
         broker = self.broker
         if isinstance(frame, p.Sub):
@@ -303,9 +314,9 @@ class WsConnection:
             self.reply_urgent(p.Err(id=frame.id, code=p.Code.TOO_MANY_SUBSCRIPTIONS,
                                     msg=f"a connection may hold at most {limit} subscriptions"))
             return
-        # A replay may fill half the send buffer; one that needs more is not attempted.
+        read_limit = REPLAY_READ_FACTOR * self.broker.config.outbox_limit
         joined = self.broker.hub.subscribe(frame.ch, self.outbox, since=frame.since,
-                                           max_replay_bytes=self.broker.config.outbox_limit // 2)
+                                           max_replay_bytes=read_limit, fit=self._fit_replay)
         self.subscriptions.add(frame.ch)
         ok = p.ws_frame(p.encode(p.Ok(id=frame.id, ch=frame.ch, o=joined.after, ep=joined.epoch,
                                       recovered=joined.recovered)))

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 import trio
 
 from broker import Broker, Config
+from tests.broker.rawclient import RawClient
 
 StartBroker = Callable[..., Awaitable[Broker]]
+OpenRaw = Callable[..., Awaitable[RawClient]]
 
 
 @pytest.fixture
@@ -32,3 +34,18 @@ async def broker(start_broker: StartBroker) -> Broker:
 
 def ws_url(broker: Broker) -> str:
     return f"ws://127.0.0.1:{broker.port}/ws"
+
+
+@pytest.fixture
+async def open_raw() -> AsyncIterator[OpenRaw]:
+    """Open :class:`RawClient` connections (``open_raw(broker, rcvbuf=...)``), closed when the test ends."""
+    opened: list[RawClient] = []
+
+    async def open_one(broker: Broker, rcvbuf: int | None = None) -> RawClient:
+        client = await RawClient.open(broker, rcvbuf)
+        opened.append(client)
+        return client
+
+    yield open_one
+    for client in opened:
+        client.sock.close()
