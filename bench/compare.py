@@ -207,6 +207,12 @@ def targets_check(results: list[dict[str, Any]], plan: Plan) -> list[tuple[str, 
     value = p99(big) if big is not None and big.get("ok") else None
     add(f"paced 50/s, {plan.paced_big_subs:,} subscribers: p99 ≤ 150 ms", value,
         bool(value is not None and value <= 150), " ms")
+    slow = _find(results, "slow", "tokenfan")
+    healthy_latency = None if slow is None else slow.get("healthy_latency_ms")
+    healthy = None if not healthy_latency else healthy_latency["p99"]
+    ratio = _ratio(healthy, p99(paced)) if plan.slow_subs == plan.paced_subs else None
+    add("slow, 10% of readers paused 1 s: the others' p99 within 1.2× of paced without them", ratio,
+        bool(ratio is not None and ratio <= 1.2), "×")
     idle = _find(results, "idle", "tokenfan", subscribers=max(plan.idle_sizes))
     value = metric(idle, "rss_per_conn_kib")
     add(f"idle, {max(plan.idle_sizes):,} connections: ≤ 12 KiB of broker RSS per connection", value,

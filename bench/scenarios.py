@@ -159,6 +159,7 @@ def _summarize(params: Params, broker: BrokerProcess, swarm: dict[str, Any], *, 
         "deliveries_per_cpu_s": None if failed or cpu <= 0 else round(delivered / cpu),
         "broker_cpu_s": round(cpu, 3), "wall_s": round(wall, 3),
         "latency_ms": swarm["latency_ms"], "latency_cdf_ms": swarm["cdf"],
+        "healthy_latency_ms": swarm.get("healthy_latency_ms"),
         "broker_rss_mib": round(broker.peak_rss_mib(), 1),
         "rss_per_conn_kib": round(rss_per_conn_kib, 2),
     }

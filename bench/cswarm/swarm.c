@@ -57,15 +57,18 @@ static double now_s(void) {
 
 static double *lat = NULL;
 static size_t nlat = 0, caplat = 0;
+/* The same, for subscribers that never pause: what slow readers cost everyone else. */
+static double *hlat = NULL;
+static size_t nhlat = 0, caphlat = 0;
 static uint64_t disconnected = 0;
 
-static void add_latency(double ms) {
-    if (nlat == caplat) {
-        caplat = caplat ? caplat * 2 : 1 << 20;
-        lat = realloc(lat, caplat * sizeof(double));
-        if (!lat) { perror("realloc"); exit(2); }
+static void push_sample(double **arr, size_t *n, size_t *cap, double ms) {
+    if (*n == *cap) {
+        *cap = *cap ? *cap * 2 : 1 << 20;
+        *arr = realloc(*arr, *cap * sizeof(double));
+        if (!*arr) { perror("realloc"); exit(2); }
     }
-    lat[nlat++] = ms;
+    (*arr)[(*n)++] = ms;
 }
 
 /* ---- minimal msgpack reader ------------------------------------------------ */
@@ -172,7 +175,10 @@ static void on_event(sub_t *s, uint64_t o, uint64_t o0, double ts, double t) {
     } else {
         s->ooo++;
     }
-    if (ts > 0) add_latency((t - ts) * 1000.0);
+    if (ts > 0) {
+        push_sample(&lat, &nlat, &caplat, (t - ts) * 1000.0);
+        if (!s->slow) push_sample(&hlat, &nhlat, &caphlat, (t - ts) * 1000.0);
+    }
 }
 
 /* Parse one msgpack frame (a map); return bytes used, 0 if incomplete, -1 if invalid. */
@@ -510,7 +516,10 @@ int main(int argc, char **argv) {
            (unsigned long long)dups, (unsigned long long)disconnected, nlat,
            Q(0.5), Q(0.9), Q(0.99), Q(0.999), nlat ? lat[nlat - 1] : -1.0);
     for (int i = 0; i <= 200 && nlat; i++) printf("%s%.3f", i ? ", " : "", lat[(size_t)((nlat - 1) * (i / 200.0))]);
-    printf("]}\n");
+    qsort(hlat, nhlat, sizeof(double), cmp_double);
+#define HQ(q) (nhlat ? hlat[(size_t)((q) * (nhlat - 1))] : -1.0)
+    printf("], \"healthy_latency_ms\": {\"p50\": %.3f, \"p90\": %.3f, \"p99\": %.3f, \"p999\": %.3f, "
+           "\"max\": %.3f}}\n", HQ(0.5), HQ(0.9), HQ(0.99), HQ(0.999), nhlat ? hlat[nhlat - 1] : -1.0);
     fflush(stdout);
     for (int i = 0; i < nsubs; i++) if (!subs[i].closed) close(subs[i].fd);
     return 0;
