@@ -76,6 +76,17 @@ def _parse_int(value: object, name: str) -> int:
     raise ConfigError(f"{name}: expected an integer, got {value!r}")
 
 
+def _parse_float(value: object, name: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{name}: expected a number, got {value!r}")
+
+
 def _parse_str(value: object, name: str) -> str:
     if isinstance(value, str):
         return value
@@ -202,6 +213,11 @@ class Config:
     shutdown_timeout: float = 5.0
     batching: bool = True
     history_max_bytes: int = 256 * 1024 * 1024
+    ai_provider: str = "demo"
+    ai_max_generations: int = 100
+    ai_time_limit: float = 120.0
+    ai_max_tokens: int = 4000
+    ai_demo_tokens_per_second: float = 30.0
     channels: Mapping[str, ChannelOptions] = field(default_factory=lambda: dict(DEFAULT_CHANNELS))
 
     def __post_init__(self) -> None:
@@ -215,6 +231,14 @@ class Config:
         for name, low in (("outbox_limit", 4096), ("max_frame_size", 256), ("max_body_size", 256)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name}: must be at least {low} bytes, got {getattr(self, name)}")
+        for name in ("ai_max_generations", "ai_max_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if not self.ai_time_limit > 0:
+            raise ConfigError(f"ai_time_limit: must be a positive duration, got {self.ai_time_limit}")
+        if not 0 < self.ai_demo_tokens_per_second <= 100_000:
+            raise ConfigError("ai_demo_tokens_per_second: must be above 0 and at most 100000, "
+                              f"got {self.ai_demo_tokens_per_second}")
         if self.history_max_bytes < 0:
             raise ConfigError(f"history_max_bytes: must not be negative, got {self.history_max_bytes}")
         for name in ("handshake_timeout", "idle_timeout", "ping_interval", "shutdown_timeout"):
@@ -239,6 +263,8 @@ _PARSERS: dict[str, Any] = {
     "handshake_timeout": parse_duration, "idle_timeout": parse_duration,
     "ping_interval": parse_duration, "shutdown_timeout": parse_duration, "batching": _parse_bool,
     "history_max_bytes": parse_size,
+    "ai_provider": _parse_str, "ai_max_generations": _parse_int, "ai_time_limit": parse_duration,
+    "ai_max_tokens": _parse_int, "ai_demo_tokens_per_second": _parse_float,
 }
 ENV_PREFIX = "TOKENFAN_"
 

@@ -21,14 +21,16 @@ that is not valid HTTP gets its answer and the connection is closed.
 from __future__ import annotations
 
 import json
+import math
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgpack
 import trio
 
+from broker.ai.sessions import ChatRejected, parse_chat_request, result_body
 from broker.httpwire import CONTINUE, HttpError, Request, RequestHead, RequestReader, response
 from broker.sockio import receive_some
 from protocol import LocalProtocolError, channel_problem, data_problem, event_problem, split_ws_frames
@@ -223,10 +225,45 @@ ROUTES: dict[str, tuple[str, Handler]] = {
 }
 
 
+async def _ai_chat(broker: Broker, request: Request) -> bytes:
+    """``POST /ai/chat``: stream an answer to ``ai-chat/{sessionId}``; answer when it ends (or 202)."""
+    try:
+        chat = parse_chat_request(parse_body(request.head, request.body))
+        generation = broker.ai.start(chat)
+    except ChatRejected as exc:
+        raise ApiError(exc.status, exc.message) from None
+    if not chat.wait:
+        return response(202, json_body({"ok": True, "channel": chat.channel, "status": "streaming"}))
+    await generation.done.wait()
+    assert generation.result is not None
+    status, body = result_body(generation.result)
+    return response(status, json_body(body))
+
+
+async def _ai_cancel(broker: Broker, request: Request) -> bytes:
+    """``POST /ai/cancel {"sessionId"}``: stop the session's answer; ``cancelled`` says if one ran."""
+    payload = parse_body(request.head, request.body)
+    session_id = payload.get("sessionId") if isinstance(payload, dict) else None
+    if not isinstance(session_id, str) or not session_id:
+        raise ApiError(400, 'body must be an object like {"sessionId": "..."}')
+    return response(200, json_body({"ok": True, "cancelled": broker.ai.cancel(session_id)}))
+
+
+AsyncHandler = Callable[["Broker", Request], Awaitable[bytes]]
+
+#: Routes whose answer may take a while: served with the request deadline lifted.
+ASYNC_ROUTES: dict[str, tuple[str, AsyncHandler]] = {
+    "/ai/chat": ("POST", _ai_chat),
+    "/ai/cancel": ("POST", _ai_cancel),
+}
+
+
 def route(broker: Broker, request: Request) -> bytes:
     """The complete response to one API request."""
     head = request.head
     path = head.path
+    if path in ASYNC_ROUTES:
+        raise ApiError(405, f"{path} accepts POST, not {head.method}", (("Allow", "POST"),))
     if path not in ROUTES:
         raise ApiError(404, f"no such path {path[:200]!r}")
     allowed, handler = ROUTES[path]
@@ -312,7 +349,15 @@ async def _serve(broker: Broker, conn: _Connection) -> Upgrade | None:
                 await conn.flush()
                 return Upgrade(head, conn.reader.buffered)
             try:
-                conn.out.append(route(broker, request))
+                if head.path in ASYNC_ROUTES and head.method == ASYNC_ROUTES[head.path][0]:
+                    await conn.flush()  # earlier pipelined answers first
+                    deadline.deadline = math.inf  # the handler bounds itself (e.g. ai_time_limit)
+                    try:
+                        conn.out.append(await ASYNC_ROUTES[head.path][1](broker, request))
+                    finally:
+                        deadline.deadline = trio.current_time() + timeout
+                else:
+                    conn.out.append(route(broker, request))
             except ApiError as exc:
                 conn.out.append(error_response(exc.status, exc.message, headers=exc.headers))
             if not head.keep_alive:

@@ -32,6 +32,7 @@ from typing import Any
 import trio
 
 import protocol as p
+from broker.ai.sessions import CHANNEL_PREFIX, AiService
 from broker.backlog import Backlog, BacklogStatistics
 from broker.config import ChannelOptions, Config
 from broker.history import EngineStatistics, MemoryEngine
@@ -77,6 +78,7 @@ class Broker:
         self.engine = MemoryEngine(self.channel_options, max_bytes=self.config.history_max_bytes)
         self.hub = Hub(self.engine, batching=self.config.batching)
         self.backlog = Backlog(self.channel_options)
+        self.ai = AiService(self)
         self.connections: set[WsConnection] = set()
         self.port: int | None = None
         self._tcp_connections = 0
@@ -115,9 +117,13 @@ class Broker:
         if persist is None:
             persist = self.channel_options(channel).persist
         try:
-            return self.hub.publish(channel, event, data, persist=persist)
+            publication = self.hub.publish(channel, event, data, persist=persist)
         except p.LocalProtocolError as exc:
             raise EmitError(str(exc)) from None
+        if event == "ai:cancel" and channel.startswith(CHANNEL_PREFIX):
+            # Any watcher (or the app) may stop the answer streaming on an AI chat channel.
+            self.ai.cancel(channel[len(CHANNEL_PREFIX):])
+        return publication
 
     def persist_problem(self, channel: str, persist: object) -> str | None:
         """What is wrong with an emit's ``persist`` value for ``channel``, or None."""
@@ -153,6 +159,7 @@ class Broker:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.hub.run_flusher)
+                self.ai.attach(nursery)
                 nursery.start_soon(self._heartbeat)
                 nursery.start_soon(self._sweep_history)
                 accept_scope = trio.CancelScope()
@@ -188,10 +195,11 @@ class Broker:
                 connection.heartbeat(now)
 
     async def _sweep_history(self) -> None:
-        """Drop expired history every :data:`HISTORY_SWEEP_INTERVAL`, so idle channels free their memory."""
+        """Every :data:`HISTORY_SWEEP_INTERVAL`: drop expired history and chat sessions, freeing memory."""
         while True:
             await trio.sleep(HISTORY_SWEEP_INTERVAL)
             self.engine.expire(trio.current_time())
+            self.ai.expire(trio.current_time())
 
     def shutdown(self) -> None:
         """Begin a graceful shutdown; :meth:`serve` returns when it is done."""

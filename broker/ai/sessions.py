@@ -1,0 +1,265 @@
+"""Chat sessions and their generations: one answer at a time per session, streamed to its channel.
+
+Theory of operation
+-------------------
+``POST /ai/chat`` asks :meth:`AiService.start` for a generation. The service
+checks the limits (one generation per session: 409; ``ai_max_generations`` at
+once: 429) and starts it in the broker's nursery, not in the HTTP
+connection's task, so the answer keeps streaming to the watchers if the
+poster goes away. The generation emits ``ai:start``, one ``ai:token`` per
+piece, then exactly one terminal event: ``ai:done {"reason", "tokens"}`` or
+``ai:error {"code", "message"}``.
+
+Each generation runs the provider inside its own cancel scope, with the
+deadline ``ai_time_limit``. Cancelling (``POST /ai/cancel``, or a watcher
+publishing ``ai:cancel`` on the channel) cancels that scope, which stops the
+provider and its upstream request; the channel gets ``ai:done {"reason":
+"cancelled"}`` at once.
+
+Each session keeps its conversation (user and assistant turns) so follow-ups
+have context: at most ``MAX_TURNS`` turns and ``MAX_CONVERSATION_BYTES`` of
+text (oldest turns dropped first), forgotten after ``SESSION_TTL`` unused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from broker.ai.demo import DemoProvider
+from broker.ai.providers import ChatMessage, Provider, ProviderError
+from protocol import channel_problem
+
+if TYPE_CHECKING:
+    from broker.server import Broker
+
+CHANNEL_PREFIX = "ai-chat/"
+MAX_MESSAGE_CHARS = 32 * 1024
+MAX_TURNS = 20
+MAX_CONVERSATION_BYTES = 64 * 1024
+SESSION_TTL = 3600.0
+MAX_SESSIONS = 10_000
+
+
+class ChatRejected(Exception):
+    """A chat request was refused before anything streamed: ``status`` and a message naming why."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChatRequest:
+    message: str
+    session_id: str
+    model: str | None = None
+    provider: str | None = None
+    wait: bool = True
+
+    @property
+    def channel(self) -> str:
+        return CHANNEL_PREFIX + self.session_id
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChatResult:
+    """How a generation ended."""
+
+    channel: str
+    tokens: int
+    reason: str  #: "stop", "length", "cancelled", or "error"
+    error: ProviderError | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class Generation:
+    """A running answer. ``done`` is set, and ``result`` filled, when it has ended."""
+
+    channel: str
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    done: trio.Event = field(default_factory=trio.Event)
+    result: ChatResult | None = None
+    cancel_requested: bool = False
+
+
+@dataclass(slots=True)
+class _Session:
+    turns: list[ChatMessage] = field(default_factory=list)
+    last_used: float = 0.0
+    generation: Generation | None = None
+
+
+def parse_chat_request(payload: object) -> ChatRequest:
+    """Validate a ``POST /ai/chat`` body.
+
+    Raises:
+        ChatRejected: 400, naming the field that is wrong.
+    """
+    if not isinstance(payload, dict):
+        raise ChatRejected(400, 'body must be an object like {"message": "...", "sessionId": "..."}')
+    message, session_id = payload.get("message"), payload.get("sessionId")
+    if not isinstance(message, str) or not message.strip():
+        raise ChatRejected(400, "message must be a non-empty string")
+    if len(message) > MAX_MESSAGE_CHARS:
+        raise ChatRejected(400, f"message is longer than {MAX_MESSAGE_CHARS} characters")
+    if not isinstance(session_id, str) or not session_id:
+        raise ChatRejected(400, "sessionId must be a non-empty string")
+    problem = channel_problem(CHANNEL_PREFIX + session_id)
+    if problem is not None:
+        raise ChatRejected(400, f"sessionId makes a bad channel name: {problem}")
+    for key in ("model", "provider"):
+        if payload.get(key) is not None and not isinstance(payload[key], str):
+            raise ChatRejected(400, f"{key} must be a string")
+    wait = payload.get("wait", True)
+    if not isinstance(wait, bool):
+        raise ChatRejected(400, "wait must be true or false")
+    return ChatRequest(message=message, session_id=session_id, model=payload.get("model"),
+                       provider=payload.get("provider"), wait=wait)
+
+
+class AiService:
+    """The broker's chat sessions. Not thread-safe: use it from the broker's Trio thread."""
+
+    def __init__(self, broker: Broker, providers: dict[str, Provider] | None = None) -> None:
+        config = broker.config
+        self._broker = broker
+        self.providers: dict[str, Provider] = providers or {
+            "demo": DemoProvider(tokens_per_second=config.ai_demo_tokens_per_second)}
+        self.default_provider = config.ai_provider
+        self._sessions: OrderedDict[str, _Session] = OrderedDict()
+        self._running = 0
+        self._nursery: trio.Nursery | None = None
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Run generations in ``nursery`` (the broker's)."""
+        self._nursery = nursery
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    def conversation(self, session_id: str) -> list[ChatMessage]:
+        session = self._sessions.get(session_id)
+        return [] if session is None else list(session.turns)
+
+    def start(self, request: ChatRequest) -> Generation:
+        """Start answering ``request`` on its channel; return the running generation.
+
+        Raises:
+            ChatRejected: 400 unknown provider, 409 the session is answering, 429 too many at once,
+                503 the broker is not serving.
+        """
+        config = self._broker.config
+        name = request.provider or self.default_provider
+        provider = self.providers.get(name)
+        if provider is None:
+            raise ChatRejected(400, f"unknown provider {name!r}; known: {', '.join(sorted(self.providers))}")
+        session = self._sessions.get(request.session_id)
+        if session is not None and session.generation is not None:
+            raise ChatRejected(409, f"session {request.session_id} is already answering; "
+                                    f"cancel it (POST /ai/cancel) or wait for ai:done")
+        if self._running >= config.ai_max_generations:
+            raise ChatRejected(429, f"{self._running} answers are streaming, the most this broker runs "
+                                    "at once (ai_max_generations); retry later")
+        if self._nursery is None:
+            raise ChatRejected(503, "the broker is not serving")
+        if session is None:
+            session = self._sessions[request.session_id] = _Session()
+            while len(self._sessions) > MAX_SESSIONS:
+                oldest = next(iter(self._sessions))
+                if self._sessions[oldest].generation is not None:
+                    break
+                del self._sessions[oldest]
+        self._sessions.move_to_end(request.session_id)
+        session.last_used = trio.current_time()
+        generation = session.generation = Generation(channel=request.channel)
+        generation.scope.deadline = trio.current_time() + config.ai_time_limit
+        self._running += 1
+        self._nursery.start_soon(self._generate, request, session, provider, generation)
+        return generation
+
+    def cancel(self, session_id: str) -> bool:
+        """Stop the session's running answer (its channel gets ``ai:done`` cancelled). False if none."""
+        session = self._sessions.get(session_id)
+        if session is None or session.generation is None:
+            return False
+        session.generation.cancel_requested = True
+        session.generation.scope.cancel()
+        return True
+
+    def expire(self, now: float) -> None:
+        """Forget conversations unused for :data:`SESSION_TTL`."""
+        while self._sessions:
+            name, session = next(iter(self._sessions.items()))
+            if session.generation is not None or now - session.last_used < SESSION_TTL:
+                return
+            del self._sessions[name]
+
+    async def _generate(self, request: ChatRequest, session: _Session, provider: Provider,
+                        generation: Generation) -> None:
+        broker, channel = self._broker, request.channel
+        config = broker.config
+        model = request.model or provider.default_model
+        pieces: list[str] = []
+        error: ProviderError | None = None
+        reason = "stop"
+        try:
+            broker.emit(channel, "ai:start", {"model": model, "prompt": request.message})
+            messages = [*session.turns, ChatMessage(role="user", content=request.message)]
+            with generation.scope:
+                try:
+                    stream = provider.stream(messages, model=model, max_tokens=config.ai_max_tokens)
+                    async with contextlib.aclosing(stream):  # type: ignore[type-var]
+                        async for piece in stream:
+                            if not isinstance(piece, str):
+                                raise ProviderError("bad_token",
+                                                    f"the provider yielded {type(piece).__name__}")
+                            if piece:
+                                broker.emit(channel, "ai:token", {"token": piece})
+                                pieces.append(piece)
+                    if len(pieces) >= config.ai_max_tokens:
+                        reason = "length"
+                except ProviderError as exc:
+                    error = exc
+            if generation.scope.cancelled_caught:
+                if generation.cancel_requested:
+                    reason = "cancelled"
+                else:
+                    error = ProviderError("timeout", f"the answer took longer than {config.ai_time_limit:g}s "
+                                                     "(ai_time_limit)", status=504)
+            if error is not None:
+                broker.emit(channel, "ai:error", {"code": error.code, "message": error.message})
+            else:
+                broker.emit(channel, "ai:done", {"reason": reason, "tokens": len(pieces)})
+                self._remember(session, request.message, "".join(pieces))
+        finally:
+            self._running -= 1
+            session.generation = None
+            session.last_used = trio.current_time()
+            generation.result = ChatResult(channel=channel, tokens=len(pieces),
+                                           reason="error" if error is not None else reason, error=error)
+            generation.done.set()
+
+    @staticmethod
+    def _remember(session: _Session, question: str, answer: str) -> None:
+        turns = session.turns
+        turns.append(ChatMessage(role="user", content=question))
+        turns.append(ChatMessage(role="assistant", content=answer))
+        while turns and (len(turns) > MAX_TURNS
+                         or sum(len(t.content) for t in turns) > MAX_CONVERSATION_BYTES):
+            del turns[:2]
+
+
+def result_body(result: ChatResult) -> tuple[int, dict[str, Any]]:
+    """The HTTP status and JSON body for a finished generation."""
+    if result.error is not None:
+        return result.error.status, {"ok": False, "channel": result.channel, "code": result.error.code,
+                                     "error": result.error.message, "tokens": result.tokens}
+    return 200, {"ok": True, "channel": result.channel, "tokens": result.tokens, "reason": result.reason}
+
