@@ -218,6 +218,10 @@ class Config:
     ai_time_limit: float = 120.0
     ai_max_tokens: int = 4000
     ai_demo_tokens_per_second: float = 30.0
+    openai_base_url: str = "https://api.openai.com/v1"
+    openai_api_key: str = ""
+    openai_model: str = "gpt-4o-mini"
+    ai_upstream_timeout: float = 30.0
     channels: Mapping[str, ChannelOptions] = field(default_factory=lambda: dict(DEFAULT_CHANNELS))
 
     def __post_init__(self) -> None:
@@ -234,6 +238,12 @@ class Config:
         for name in ("ai_max_generations", "ai_max_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if not self.openai_base_url.startswith(("http://", "https://")):
+            raise ConfigError("openai_base_url: must start with http:// or https://, "
+                              f"got {self.openai_base_url!r}")
+        if not self.ai_upstream_timeout > 0:
+            raise ConfigError("ai_upstream_timeout: must be a positive duration, "
+                              f"got {self.ai_upstream_timeout}")
         if not self.ai_time_limit > 0:
             raise ConfigError(f"ai_time_limit: must be a positive duration, got {self.ai_time_limit}")
         if not 0 < self.ai_demo_tokens_per_second <= 100_000:
@@ -265,7 +275,11 @@ _PARSERS: dict[str, Any] = {
     "history_max_bytes": parse_size,
     "ai_provider": _parse_str, "ai_max_generations": _parse_int, "ai_time_limit": parse_duration,
     "ai_max_tokens": _parse_int, "ai_demo_tokens_per_second": _parse_float,
+    "openai_base_url": _parse_str, "openai_api_key": _parse_str, "openai_model": _parse_str,
+    "ai_upstream_timeout": parse_duration,
 }
+#: The conventional variables of OpenAI's own tools, read when the options are not set.
+CONVENTIONAL_ENV = {"OPENAI_BASE_URL": "openai_base_url", "OPENAI_API_KEY": "openai_api_key"}
 ENV_PREFIX = "TOKENFAN_"
 
 
@@ -314,6 +328,9 @@ def load_config(
                 raise ConfigError(f"unknown environment variable {name}; "
                                   f"known: {', '.join(ENV_PREFIX + k.upper() for k in _PARSERS)}")
             _apply(values, {key: value}, f"environment {name}")
+    for name, key in CONVENTIONAL_ENV.items():
+        if key not in values and environ.get(name):
+            _apply(values, {key: environ[name]}, f"environment {name}")
     _apply(values, {k: v for k, v in (overrides or {}).items() if v is not None}, "command line")
     try:
         return Config(**values)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from broker.ai.demo import DemoProvider
+from broker.ai.openai import OpenAIProvider
 from broker.ai.providers import ChatMessage, Provider, ProviderError
 from protocol import channel_problem
 
@@ -130,7 +131,10 @@ class AiService:
         config = broker.config
         self._broker = broker
         self.providers: dict[str, Provider] = providers or {
-            "demo": DemoProvider(tokens_per_second=config.ai_demo_tokens_per_second)}
+            "demo": DemoProvider(tokens_per_second=config.ai_demo_tokens_per_second),
+            "openai": OpenAIProvider(base_url=config.openai_base_url, api_key=config.openai_api_key,
+                                     default_model=config.openai_model, timeout=config.ai_upstream_timeout),
+        }
         self.default_provider = config.ai_provider
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
         self._running = 0
