@@ -10,9 +10,11 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import httpx
 import trio
 
 from broker.client import ClientError, Event, ServerClosed, State, StreamLost, Subscribed, connect
@@ -185,6 +187,72 @@ def _offset(text: str) -> int:
     return int(text)
 
 
+# -- chat ------------------------------------------------------------------------
+
+
+class ChatFailed(Exception):
+    """The answer ended in ai:error, or the broker refused the request."""
+
+
+async def _chat(base: str, message: str, session: str, provider: str | None, model: str | None) -> str:
+    """Watch ``ai-chat/{session}``, ask, print the answer as it streams; return ai:done's reason.
+
+    Ctrl-C asks the broker to cancel the answer (``POST /ai/cancel``); the
+    stream then ends with ``ai:done`` reason ``cancelled``.
+    """
+    channel = f"ai-chat/{session}"
+    payload = {"message": message, "sessionId": session, "wait": False,
+               **({"provider": provider} if provider else {}), **({"model": model} if model else {})}
+    async with connect(_ws_url(base)) as client, httpx.AsyncClient(base_url=base, timeout=10) as http:
+        sub = await client.subscribe(channel)  # listening before asking: no token is missed
+        reply = await http.post("/ai/chat", json=payload)
+        if reply.status_code != 202:
+            raise ChatFailed(f"{reply.status_code}: {reply.json().get('error', reply.text)}")
+        with trio.open_signal_receiver(signal.SIGINT) as interrupts:
+            async with trio.open_nursery() as nursery:
+
+                async def cancel_on_interrupt() -> None:
+                    async for _ in interrupts:
+                        await http.post("/ai/cancel", json={"sessionId": session})
+                        return
+
+                nursery.start_soon(cancel_on_interrupt)
+                async for event in sub:
+                    if event.event == "ai:token":
+                        sys.stdout.write(event.data["token"])
+                        sys.stdout.flush()
+                    elif event.event == "ai:done":
+                        print(flush=True)
+                        nursery.cancel_scope.cancel()
+                        return str(event.data.get("reason"))
+                    elif event.event == "ai:error":
+                        print(flush=True)
+                        raise ChatFailed(f"{event.data.get('code')}: {event.data.get('message')}")
+    raise ChatFailed("the connection ended before the answer did")
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    session = args.session or uuid.uuid4().hex[:12]
+    _note(f"session {session}: also watch it with  tokenfan tail --since 0 ai-chat/{session}")
+    failure: Exception | None = None
+    reason = ""
+    try:
+        reason = trio.run(_chat, _http_base(args.url), args.message, session, args.provider, args.model)
+    except* ChatFailed as group:
+        failure = group.exceptions[0]
+    except* (ClientError, httpx.HTTPError, OSError) as group:
+        failure = ConnectionError(f"cannot chat through {args.url}: {group.exceptions[0]}")
+    if failure is not None:
+        _note(f"tokenfan: {failure}")
+        return 1
+    if reason == "cancelled":
+        _note("tokenfan: cancelled")
+        return 130
+    if reason != "stop":
+        _note(f"tokenfan: the answer ended: {reason}")
+    return 0
+
+
 # -- entry point -------------------------------------------------------------------
 
 
@@ -217,6 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="exit when the connection ends instead of reconnecting and recovering")
     tail.add_argument("channel")
     tail.set_defaults(func=cmd_tail)
+
+    chat = commands.add_parser("chat", help="ask the broker's AI path and print the answer as it streams")
+    chat.add_argument("--url", default=DEFAULT_HTTP_URL, help=f"broker URL (default {DEFAULT_HTTP_URL})")
+    chat.add_argument("--session", help="session id: the answer streams to ai-chat/SESSION (default: new)")
+    chat.add_argument("--provider", help="token source (default: the broker's ai_provider)")
+    chat.add_argument("--model", help="model (default: the provider's)")
+    chat.add_argument("message")
+    chat.set_defaults(func=cmd_chat)
     return parser
 
 

@@ -218,6 +218,7 @@ class Config:
     ai_time_limit: float = 120.0
     ai_max_tokens: int = 4000
     ai_demo_tokens_per_second: float = 30.0
+    ai_rollup: float = 0.0
     openai_base_url: str = "https://api.openai.com/v1"
     openai_api_key: str = ""
     openai_model: str = "gpt-4o-mini"
@@ -244,6 +245,8 @@ class Config:
         if not self.ai_upstream_timeout > 0:
             raise ConfigError("ai_upstream_timeout: must be a positive duration, "
                               f"got {self.ai_upstream_timeout}")
+        if not 0 <= self.ai_rollup <= 10:
+            raise ConfigError(f"ai_rollup: must be between 0 and 10 seconds, got {self.ai_rollup}")
         if not self.ai_time_limit > 0:
             raise ConfigError(f"ai_time_limit: must be a positive duration, got {self.ai_time_limit}")
         if not 0 < self.ai_demo_tokens_per_second <= 100_000:
@@ -274,7 +277,7 @@ _PARSERS: dict[str, Any] = {
     "ping_interval": parse_duration, "shutdown_timeout": parse_duration, "batching": _parse_bool,
     "history_max_bytes": parse_size,
     "ai_provider": _parse_str, "ai_max_generations": _parse_int, "ai_time_limit": parse_duration,
-    "ai_max_tokens": _parse_int, "ai_demo_tokens_per_second": _parse_float,
+    "ai_max_tokens": _parse_int, "ai_demo_tokens_per_second": _parse_float, "ai_rollup": parse_duration,
     "openai_base_url": _parse_str, "openai_api_key": _parse_str, "openai_model": _parse_str,
     "ai_upstream_timeout": parse_duration,
 }

@@ -24,7 +24,9 @@ text (oldest turns dropped first), forgotten after ``SESSION_TTL`` unused.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -219,18 +221,18 @@ class AiService:
             with generation.scope:
                 try:
                     stream = provider.stream(messages, model=model, max_tokens=config.ai_max_tokens)
-                    async with contextlib.aclosing(stream):  # type: ignore[type-var]
-                        async for piece in stream:
-                            if not isinstance(piece, str):
-                                raise ProviderError("bad_token",
-                                                    f"the provider yielded {type(piece).__name__}")
-                            if piece:
-                                broker.emit(channel, "ai:token", {"token": piece})
-                                pieces.append(piece)
+                    if config.ai_rollup > 0:
+                        await self._stream_rolled_up(stream, channel, pieces, config.ai_rollup)
+                    else:
+                        async with contextlib.aclosing(stream):  # type: ignore[type-var]
+                            async for piece in stream:
+                                if _check_piece(piece):
+                                    broker.emit(channel, "ai:token", {"token": piece})
+                                    pieces.append(piece)
                     if len(pieces) >= config.ai_max_tokens:
                         reason = "length"
-                except ProviderError as exc:
-                    error = exc
+                except* ProviderError as group:
+                    error = _first_provider_error(group)
             if generation.scope.cancelled_caught:
                 if generation.cancel_requested:
                     reason = "cancelled"
@@ -250,6 +252,40 @@ class AiService:
                                            reason="error" if error is not None else reason, error=error)
             generation.done.set()
 
+    async def _stream_rolled_up(self, stream: AsyncIterator[str], channel: str, pieces: list[str],
+                                window: float) -> None:
+        """Emit the provider's pieces joined: a piece waits at most ``window`` seconds for company."""
+        send, receive = trio.open_memory_channel[str](0)
+
+        async def produce() -> None:
+            async with send, contextlib.aclosing(stream):  # type: ignore[type-var]
+                async for piece in stream:
+                    if _check_piece(piece):
+                        await send.send(piece)
+
+        pending: list[str] = []
+        flush_at = math.inf
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(produce)
+            while True:
+                piece = None
+                with trio.move_on_at(flush_at):
+                    try:
+                        piece = await receive.receive()
+                    except trio.EndOfChannel:
+                        break
+                if piece is not None:
+                    if not pending:
+                        flush_at = trio.current_time() + window
+                    pending.append(piece)
+                    pieces.append(piece)
+                elif pending:  # the window passed
+                    self._broker.emit(channel, "ai:token", {"token": "".join(pending)})
+                    pending.clear()
+                    flush_at = math.inf
+        if pending:
+            self._broker.emit(channel, "ai:token", {"token": "".join(pending)})
+
     @staticmethod
     def _remember(session: _Session, question: str, answer: str) -> None:
         turns = session.turns
@@ -258,6 +294,19 @@ class AiService:
         while turns and (len(turns) > MAX_TURNS
                          or sum(len(t.content) for t in turns) > MAX_CONVERSATION_BYTES):
             del turns[:2]
+
+
+def _check_piece(piece: object) -> bool:
+    """True for a piece worth emitting; a provider that yields something else is broken."""
+    if not isinstance(piece, str):
+        raise ProviderError("bad_token", f"the provider yielded {type(piece).__name__}, not text")
+    return bool(piece)
+
+
+def _first_provider_error(group: BaseExceptionGroup[ProviderError]) -> ProviderError:
+    """The provider's error (a rolled-up stream raises it from inside a nursery)."""
+    first = group.exceptions[0]
+    return _first_provider_error(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def result_body(result: ChatResult) -> tuple[int, dict[str, Any]]:

@@ -154,3 +154,19 @@ async def test_bad_chat_requests_are_named(broker: Broker, payload: object, stat
 async def test_cancel_needs_a_session_id(broker: Broker) -> None:
     status, body = await api(broker, "/ai/cancel", {"session": "x"})
     assert status == 400 and "sessionId" in body["error"]
+
+
+async def test_rollup_joins_small_fast_tokens(start_broker: StartBroker) -> None:
+    broker = await start_broker(ai_demo_tokens_per_second=400, ai_rollup=0.05)
+    async with connect(ws_url(broker)) as watcher:
+        sub = await watcher.subscribe("ai-chat/roll")
+        status, body = await api(broker, "/ai/chat", {"message": "Who is late?", "sessionId": "roll"})
+        events = await until_terminal(sub)
+    demo = broker.ai.providers["demo"]
+    assert isinstance(demo, DemoProvider)
+    expected = "".join(demo.answer([ChatMessage(role="user", content="Who is late?")], demo.answer_tokens))
+    tokens = [e for e in events if e.event == "ai:token"]
+    assert answer_text(events) == expected
+    assert 1 < len(tokens) < demo.answer_tokens / 3  # about 20 pieces per 50 ms window
+    assert (status, body["tokens"]) == (200, demo.answer_tokens)
+    assert events[-1].data["tokens"] == demo.answer_tokens

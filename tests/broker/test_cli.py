@@ -112,3 +112,50 @@ async def test_port_in_use_is_reported() -> None:
                                         capture_stderr=True, check=False)
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}".encode() in result.stderr
+
+
+async def start_server(env: dict[str, str]) -> tuple[trio.Process, str]:
+    server = await trio.lowlevel.open_process([*TOKENFAN, "serve", "--port", "0"], stdout=subprocess.PIPE,
+                                              stderr=subprocess.DEVNULL, env={**os.environ, **env})
+    assert server.stdout is not None
+    line = await read_line(server.stdout, bytearray())
+    return server, line.removeprefix("tokenfan listening on ").strip()
+
+
+async def test_chat_prints_the_answer_as_it_streams() -> None:
+    from broker.ai import ChatMessage, DemoProvider
+
+    server, base = await start_server({"TOKENFAN_AI_DEMO_TOKENS_PER_SECOND": "400"})
+    try:
+        command = [*TOKENFAN, "chat", "--url", base, "--session", "cli1", "Who is late?"]
+        result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
+        demo = DemoProvider()
+        question = [ChatMessage(role="user", content="Who is late?")]
+        expected = "".join(demo.answer(question, demo.answer_tokens))
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.decode() == expected + "\n"
+        assert b"tokenfan tail --since 0 ai-chat/cli1" in result.stderr
+        bad = await trio.run_process([*TOKENFAN, "chat", "--url", base, "--provider", "nope", "hi"],
+                                     capture_stdout=True, capture_stderr=True, check=False)
+        assert bad.returncode == 1 and b"unknown provider 'nope'" in bad.stderr
+    finally:
+        server.kill()
+        await server.wait()
+
+
+async def test_ctrl_c_cancels_the_answer() -> None:
+    server, base = await start_server({"TOKENFAN_AI_DEMO_TOKENS_PER_SECOND": "5"})
+    try:
+        chat = await trio.lowlevel.open_process([*TOKENFAN, "chat", "--url", base, "--session", "cli2", "Hi"],
+                                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert chat.stdout is not None and chat.stderr is not None
+        with trio.fail_after(10):
+            assert await chat.stdout.receive_some(100)  # the first token
+        chat.send_signal(signal.SIGINT)
+        with trio.fail_after(10):
+            assert await chat.wait() == 130
+        message = await read_until(chat.stderr, bytearray(), b"cancelled")
+        assert b"tokenfan: cancelled" in message
+    finally:
+        server.kill()
+        await server.wait()
