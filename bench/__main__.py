@@ -3,7 +3,7 @@
     python -m bench run SCENARIO --target T [--subscribers N] [--tokens M] [--rate R] [--json FILE]
     python -m bench compare [--quick] --out DIR
 
-Scenarios: burst, paced, slow, channels, churn, idle. Targets: tokenfan, websockets,
+Scenarios: burst, paced, slow, channels, churn, idle, ai. Targets: tokenfan, websockets,
 picows, trio-websocket, sse.
 """
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"unknown target(s): {', '.join(unknown)}", file=sys.stderr)
             return 2
         return compare(Path(args.out), quick=args.quick, targets=targets)
-    if args.scenario in ("paced", "slow", "churn") and args.rate is None:
+    if args.scenario in ("paced", "slow", "churn", "ai") and args.rate is None:
         args.rate = 50.0
     if args.scenario == "churn" and not args.churn:
         args.churn = 100.0

@@ -35,12 +35,15 @@ class Plan:
     channel_subs: int
     channel_tokens: int
     idle_sizes: tuple[int, ...]
+    ai_sessions: int
 
 
 FULL = Plan(burst_subs=1000, burst_tokens=500, paced_subs=1000, paced_big_subs=10_000, paced_tokens=250,
-            slow_subs=1000, channels=500, channel_subs=1000, channel_tokens=20, idle_sizes=(1000, 10_000))
+            slow_subs=1000, channels=500, channel_subs=1000, channel_tokens=20, idle_sizes=(1000, 10_000),
+            ai_sessions=100)
 QUICK = Plan(burst_subs=200, burst_tokens=100, paced_subs=200, paced_big_subs=1000, paced_tokens=50,
-             slow_subs=200, channels=100, channel_subs=200, channel_tokens=10, idle_sizes=(1000,))
+             slow_subs=200, channels=100, channel_subs=200, channel_tokens=10, idle_sizes=(1000,),
+             ai_sessions=10)
 
 #: Peers that cannot keep up with the big paced run inside its time limit are still run, once.
 BIG_PACED_TARGETS = ("tokenfan", "websockets", "picows")
@@ -69,6 +72,9 @@ def runs(plan: Plan, targets: list[str]) -> Iterator[Params]:
     for target in targets:
         yield Params(scenario="channels", target=target, subscribers=plan.channel_subs,
                      channels=plan.channels, tokens=plan.channel_tokens, time_limit=60)
+    if "tokenfan" in targets:  # the others have no /ai/chat
+        yield Params(scenario="ai", target="tokenfan", subscribers=plan.ai_sessions * 50,
+                     channels=plan.ai_sessions, rate=50.0, time_limit=60)
     for size in plan.idle_sizes:
         for target in targets:
             yield Params(scenario="idle", target=target, subscribers=size, tokens=0, time_limit=120)
@@ -230,7 +236,7 @@ def report(results: list[dict[str, Any]], *, quick: bool, elapsed: float) -> str
     for what, shown, met in targets_check(results, plan):
         lines.append(f"| {what} | {shown} | {'–' if met is None else 'yes' if met else '**no**'} |")
     lines += ["", "## Results", ""]
-    for scenario in ("burst", "paced", "slow", "churn", "channels", "idle"):
+    for scenario in ("burst", "paced", "slow", "churn", "channels", "ai", "idle"):
         lines += _table(results, scenario)
     lines += ["![latency CDF](latency_cdf.png)", "", "![deliveries per CPU-second](deliveries_per_cpu_s.png)",
               ""]

@@ -7,8 +7,11 @@ and this process (the emitter) share core 1.
 
 from __future__ import annotations
 
+import json
 import os
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -137,6 +140,61 @@ def idle(params: Params, progress: Progress | None = None) -> dict[str, Any]:
         os.sched_setaffinity(0, previous_affinity)
 
 
+#: Events per answer of the demo provider: ai:start, its 60 tokens, ai:done.
+AI_EVENTS_PER_ANSWER = 62
+
+
+def ai(params: Params, progress: Progress | None = None) -> dict[str, Any]:
+    """``channels`` sessions answered at once through ``POST /ai/chat`` (demo provider at ``rate``
+    tokens/s), each watched by ``subscribers / channels`` subscribers: latency from the broker's
+    emit (``ai_timestamps``) to each watcher, and the broker's CPU."""
+    if params.target != "tokenfan":
+        raise ValueError("the ai scenario measures tokenfan's /ai/chat; other targets have none")
+    raise_fd_limit()
+    previous_affinity = pin_to(1)
+    broker: BrokerProcess | None = None
+    swarm: CSwarm | None = None
+    try:
+        env = {**_target_env(params), "TOKENFAN_AI_DEMO_TOKENS_PER_SECOND": str(params.rate or 50.0),
+               "TOKENFAN_AI_MAX_GENERATIONS": str(params.channels + 10), "TOKENFAN_AI_TIMESTAMPS": "true"}
+        broker = start_target("tokenfan", env=env, cpu=0)
+        spec = SwarmSpec(host=HOST, port=broker.port, subscribers=params.subscribers,
+                         channels=params.channels, prefix="ai-chat/bench-", tokens=AI_EVENTS_PER_ANSWER,
+                         timeout=params.time_limit)
+        swarm = CSwarm(spec)
+        swarm.wait_ready(timeout=min(params.time_limit, 300))
+        cpu0, wall0 = broker.cpu_seconds(), time.monotonic()
+        errors = 0
+        for index in range(params.channels):
+            body = json.dumps({"message": f"question {index}", "sessionId": f"bench-{index}",
+                               "wait": False}).encode()
+            request = urllib.request.Request(f"http://{HOST}:{broker.emit_port}/ai/chat", body,
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as reply:
+                    errors += reply.status != 202
+            except (urllib.error.URLError, OSError):
+                errors += 1
+        deadline = wall0 + params.time_limit
+        while swarm.running() and time.monotonic() < deadline:
+            if progress is not None:
+                progress(min((time.monotonic() - wall0) * (params.rate or 50.0) / 60, 1.0))
+            time.sleep(0.05)
+        wall = time.monotonic() - wall0
+        cpu = broker.cpu_seconds() - cpu0
+        result = swarm.finish(timeout=30, stop=True)
+        summary = _summarize(params, broker, result, cpu=cpu, wall=wall, rss_per_conn_kib=0.0,
+                             emit_errors=errors)
+        summary["tokens"] = AI_EVENTS_PER_ANSWER
+        return summary
+    finally:
+        if swarm is not None:
+            swarm.close()
+        if broker is not None:
+            broker.stop()
+        os.sched_setaffinity(0, previous_affinity)
+
+
 def _summarize(params: Params, broker: BrokerProcess, swarm: dict[str, Any], *, cpu: float, wall: float,
                rss_per_conn_kib: float, emit_errors: int) -> dict[str, Any]:
     # The swarm knows what each subscription should have seen (churn changes it).
@@ -166,5 +224,5 @@ def _summarize(params: Params, broker: BrokerProcess, swarm: dict[str, Any], *, 
 
 
 SCENARIOS: dict[str, Callable[[Params, Progress | None], dict[str, Any]]] = {
-    "burst": run, "paced": run, "slow": run, "channels": run, "churn": run, "idle": idle,
+    "burst": run, "paced": run, "slow": run, "channels": run, "churn": run, "idle": idle, "ai": ai,
 }

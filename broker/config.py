@@ -219,6 +219,7 @@ class Config:
     ai_max_tokens: int = 4000
     ai_demo_tokens_per_second: float = 30.0
     ai_rollup: float = 0.0
+    ai_timestamps: bool = False
     openai_base_url: str = "https://api.openai.com/v1"
     openai_api_key: str = ""
     openai_model: str = "gpt-4o-mini"
@@ -278,6 +279,7 @@ _PARSERS: dict[str, Any] = {
     "history_max_bytes": parse_size,
     "ai_provider": _parse_str, "ai_max_generations": _parse_int, "ai_time_limit": parse_duration,
     "ai_max_tokens": _parse_int, "ai_demo_tokens_per_second": _parse_float, "ai_rollup": parse_duration,
+    "ai_timestamps": _parse_bool,
     "openai_base_url": _parse_str, "openai_api_key": _parse_str, "openai_model": _parse_str,
     "ai_upstream_timeout": parse_duration,
 }

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -227,7 +228,7 @@ class AiService:
                         async with contextlib.aclosing(stream):  # type: ignore[type-var]
                             async for piece in stream:
                                 if _check_piece(piece):
-                                    broker.emit(channel, "ai:token", {"token": piece})
+                                    self._emit_token(channel, piece)
                                     pieces.append(piece)
                     if len(pieces) >= config.ai_max_tokens:
                         reason = "length"
@@ -280,11 +281,17 @@ class AiService:
                     pending.append(piece)
                     pieces.append(piece)
                 elif pending:  # the window passed
-                    self._broker.emit(channel, "ai:token", {"token": "".join(pending)})
+                    self._emit_token(channel, "".join(pending))
                     pending.clear()
                     flush_at = math.inf
         if pending:
-            self._broker.emit(channel, "ai:token", {"token": "".join(pending)})
+            self._emit_token(channel, "".join(pending))
+
+    def _emit_token(self, channel: str, token: str) -> None:
+        data: dict[str, Any] = {"token": token}
+        if self._broker.config.ai_timestamps:
+            data["ts"] = time.monotonic()  # CLOCK_MONOTONIC, as the bench's swarm reads it
+        self._broker.emit(channel, "ai:token", data)
 
     @staticmethod
     def _remember(session: _Session, question: str, answer: str) -> None:

@@ -97,3 +97,11 @@ def test_idle_scenario_measures_memory() -> None:
                                              time_limit=60))
     assert result["ok"] is True
     assert result["rss_per_conn_kib"] > 0
+
+
+def test_ai_scenario_counts_every_event_of_every_answer() -> None:
+    result = scenarios.ai(scenarios.Params(scenario="ai", target="tokenfan", subscribers=12, channels=3,
+                                           rate=400, time_limit=60))
+    assert result["ok"] is True, result
+    assert (result["expected"], result["delivered"]) == (12 * scenarios.AI_EVENTS_PER_ANSWER,) * 2
+    assert result["latency_ms"]["p99"] > 0  # ai:token carries ts with ai_timestamps
