@@ -19,6 +19,7 @@ import trio
 
 from broker.client import ClientError, Event, ServerClosed, State, StreamLost, Subscribed, connect
 from broker.config import ConfigError, load_config
+from broker.groups import first_leaf
 from broker.server import Broker
 from protocol import Position
 
@@ -74,17 +75,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         trio.run(_serve, Broker(config))
     except* OSError as group:  # raised by the listener inside the broker's nursery
-        failure = _first_leaf(group)
+        failure = first_leaf(group)
     if failure is not None:
         print(f"tokenfan: cannot listen on {config.host}:{config.port}: {failure.strerror or failure}",
               file=sys.stderr)
         return 1
     return 0
-
-
-def _first_leaf(group: BaseExceptionGroup[OSError]) -> OSError:
-    first = group.exceptions[0]
-    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 # -- emit ------------------------------------------------------------------------
@@ -239,9 +235,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     try:
         reason = trio.run(_chat, _http_base(args.url), args.message, session, args.provider, args.model)
     except* ChatFailed as group:
-        failure = group.exceptions[0]
-    except* (ClientError, httpx.HTTPError, OSError) as group:
-        failure = ConnectionError(f"cannot chat through {args.url}: {group.exceptions[0]}")
+        failure = first_leaf(group)
+    except* (ClientError, httpx.HTTPError, OSError) as errors:
+        failure = ConnectionError(f"cannot chat through {args.url}: {first_leaf(errors)}")
     if failure is not None:
         _note(f"tokenfan: {failure}")
         return 1

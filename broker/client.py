@@ -53,6 +53,7 @@ import trio_websocket
 import wsproto.utilities
 
 import protocol as p
+from broker.groups import first_leaf
 
 Handler = Callable[["Event"], None]
 State = Literal["connecting", "open", "reconnecting", "closed"]
@@ -349,7 +350,7 @@ class Client:
                      wsproto.utilities.LocalProtocolError) as group:
                 # (trio-websocket answers a ping that arrives while it closes with a pong that
                 # wsproto refuses; that ends the connection like any other loss.)
-                failure = _first_leaf(group)
+                failure = first_leaf(group)
             finally:
                 self._ws = None
                 self._open = trio.Event()
@@ -440,12 +441,6 @@ class Client:
                 sub.offset = frame.o
         elif isinstance(frame, p.Bye):
             self._bye = ServerClosed(frame.code, frame.msg, frame.reconnect)
-
-
-def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The first exception of a group of connection errors, for a one-line message."""
-    first = group.exceptions[0]
-    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 @asynccontextmanager

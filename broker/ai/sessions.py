@@ -36,6 +36,7 @@ import trio
 from broker.ai.demo import DemoProvider
 from broker.ai.openai import OpenAIProvider
 from broker.ai.providers import ChatMessage, Provider, ProviderError
+from broker.groups import first_leaf
 from protocol import channel_problem
 
 if TYPE_CHECKING:
@@ -233,7 +234,7 @@ class AiService:
                     if len(pieces) >= config.ai_max_tokens:
                         reason = "length"
                 except* ProviderError as group:
-                    error = _first_provider_error(group)
+                    error = first_leaf(group)
             if generation.scope.cancelled_caught:
                 if generation.cancel_requested:
                     reason = "cancelled"
@@ -308,12 +309,6 @@ def _check_piece(piece: object) -> bool:
     if not isinstance(piece, str):
         raise ProviderError("bad_token", f"the provider yielded {type(piece).__name__}, not text")
     return bool(piece)
-
-
-def _first_provider_error(group: BaseExceptionGroup[ProviderError]) -> ProviderError:
-    """The provider's error (a rolled-up stream raises it from inside a nursery)."""
-    first = group.exceptions[0]
-    return _first_provider_error(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def result_body(result: ChatResult) -> tuple[int, dict[str, Any]]:
