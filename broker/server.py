@@ -16,7 +16,8 @@ accepting without touching live connections) and every connection's task.
 Each connection task speaks HTTP until it upgrades to WebSocket; whatever
 goes wrong inside it is logged and ends that connection only.
 
-Shutdown closes the listeners, sends every WebSocket client ``bye`` with
+Shutdown closes the listeners, ends every running AI answer with ``ai:error``
+``shutting_down`` (so watchers see how it ended), sends every WebSocket client ``bye`` with
 ``SHUTTING_DOWN`` (``reconnect: true``), waits at most ``shutdown_timeout``
 for the connections to drain, then cancels whatever is left.
 """
@@ -169,6 +170,8 @@ class Broker:
                 await self._shutdown.wait()
                 self._accepting = False
                 accept_scope.cancel()
+                with trio.move_on_after(config.shutdown_timeout):
+                    await self.ai.stop_all()  # watchers see how each answer ended, then bye
                 self.hub.flush_all()  # what was emitted before shutdown still goes out, before bye
                 for connection in list(self.connections):
                     connection.close(p.Code.SHUTTING_DOWN, "server shutting down")

@@ -91,6 +91,7 @@ class Generation:
     done: trio.Event = field(default_factory=trio.Event)
     result: ChatResult | None = None
     cancel_requested: bool = False
+    shutting_down: bool = False
 
 
 @dataclass(slots=True)
@@ -142,6 +143,8 @@ class AiService:
         self.default_provider = config.ai_provider
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
         self._running = 0
+        self._idle = trio.Event()
+        self._idle.set()
         self._nursery: trio.Nursery | None = None
 
     def attach(self, nursery: trio.Nursery) -> None:
@@ -189,6 +192,8 @@ class AiService:
         generation = session.generation = Generation(channel=request.channel)
         generation.scope.deadline = trio.current_time() + config.ai_time_limit
         self._running += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
         self._nursery.start_soon(self._generate, request, session, provider, generation)
         return generation
 
@@ -200,6 +205,18 @@ class AiService:
         session.generation.cancel_requested = True
         session.generation.scope.cancel()
         return True
+
+    async def stop_all(self) -> None:
+        """End every running answer with ``ai:error`` ``shutting_down`` and wait until they have.
+
+        Called on shutdown before the watchers are told ``bye``, so they see
+        how each answer ended. The caller bounds the wait.
+        """
+        for session in self._sessions.values():
+            if session.generation is not None:
+                session.generation.shutting_down = True
+                session.generation.scope.cancel()
+        await self._idle.wait()
 
     def expire(self, now: float) -> None:
         """Forget conversations unused for :data:`SESSION_TTL`."""
@@ -236,7 +253,10 @@ class AiService:
                 except* ProviderError as group:
                     error = first_leaf(group)
             if generation.scope.cancelled_caught:
-                if generation.cancel_requested:
+                if generation.shutting_down:
+                    error = ProviderError("shutting_down", "the broker is shutting down; ask again",
+                                          status=503)
+                elif generation.cancel_requested:
                     reason = "cancelled"
                 else:
                     error = ProviderError("timeout", f"the answer took longer than {config.ai_time_limit:g}s "
@@ -248,6 +268,8 @@ class AiService:
                 self._remember(session, request.message, "".join(pieces))
         finally:
             self._running -= 1
+            if not self._running:
+                self._idle.set()
             session.generation = None
             session.last_used = trio.current_time()
             generation.result = ChatResult(channel=channel, tokens=len(pieces),

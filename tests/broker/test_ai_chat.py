@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import trio
 
-from broker import Broker
+from broker import Broker, Config
 from broker.ai import ChatMessage, DemoProvider
 from broker.client import Event, Subscription, connect
 from tests.broker.conftest import StartBroker, ws_url
@@ -170,3 +170,19 @@ async def test_rollup_joins_small_fast_tokens(start_broker: StartBroker) -> None
     assert 1 < len(tokens) < demo.answer_tokens / 3  # about 20 pieces per 50 ms window
     assert (status, body["tokens"]) == (200, demo.answer_tokens)
     assert events[-1].data["tokens"] == demo.answer_tokens
+
+
+async def test_shutdown_ends_running_answers_before_saying_bye(nursery: trio.Nursery) -> None:
+    broker = Broker(Config(port=0, ai_demo_tokens_per_second=5))
+    await nursery.start(broker.serve)
+    async with connect(ws_url(broker), reconnect=False) as watcher:
+        sub = await watcher.subscribe("ai-chat/bye")
+        status, _ = await api(broker, "/ai/chat", {"message": "Long", "sessionId": "bye", "wait": False})
+        assert status == 202
+        with trio.fail_after(5):
+            async for event in sub:
+                if event.event == "ai:token":
+                    break
+        broker.shutdown()
+        events = await until_terminal(sub)
+    assert events[-1].event == "ai:error" and events[-1].data["code"] == "shutting_down"
