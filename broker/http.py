@@ -33,6 +33,7 @@ import trio
 from broker.ai.sessions import ChatRejected, parse_chat_request, result_body
 from broker.httpwire import CONTINUE, HttpError, Request, RequestHead, RequestReader, response
 from broker.sockio import receive_some
+from broker.static import STATIC_FILES
 from protocol import LocalProtocolError, channel_problem, data_problem, event_problem, split_ws_frames
 from protocol.limits import MAX_OFFSET
 
@@ -264,6 +265,12 @@ def route(broker: Broker, request: Request) -> bytes:
     path = head.path
     if path in ASYNC_ROUTES:
         raise ApiError(405, f"{path} accepts POST, not {head.method}", (("Allow", "POST"),))
+    if path in STATIC_FILES:
+        if head.method not in ("GET", "HEAD"):
+            raise ApiError(405, f"{path} accepts GET, not {head.method}", (("Allow", "GET"),))
+        body, content_type = STATIC_FILES[path]
+        reply = response(200, body, content_type, headers=(("Cache-Control", "no-cache"),))
+        return reply.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n" if head.method == "HEAD" else reply
     if path not in ROUTES:
         raise ApiError(404, f"no such path {path[:200]!r}")
     allowed, handler = ROUTES[path]
