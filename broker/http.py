@@ -102,19 +102,15 @@ def parse_event(broker: Broker, item: object, where: str) -> tuple[str, str, Any
 # -- routes -----------------------------------------------------------------------
 
 
-_INDEX = b"""<!doctype html><meta charset="utf-8"><title>tokenfan</title>
-<h1>tokenfan is running</h1>
-<p>WebSocket: <code>/ws</code> &middot; emit: <code>POST /api/emit</code> &middot;
-health: <a href="/healthz"><code>GET /healthz</code></a></p>
-<p>Try: <code>tokenfan tail ai-chat/demo</code> in one terminal and
-<code>tokenfan emit ai-chat/demo ai:token '{"token": "hi"}'</code> in another.</p>
-"""
+
 
 Handler = Callable[["Broker", Request], bytes]
 
 
 def _index(broker: Broker, request: Request) -> bytes:
-    return response(200, _INDEX, "text/html; charset=utf-8")
+    """The demo chat (broker/static/index.html), on the browser client."""
+    body, content_type = STATIC_FILES["/index.html"]
+    return response(200, body, content_type, headers=(("Cache-Control", "no-cache"),))
 
 
 def _health(broker: Broker, request: Request) -> bytes:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from importlib import resources
 
-_TYPES = {".js": "text/javascript; charset=utf-8", ".mjs": "text/javascript; charset=utf-8",
-          ".ts": "text/plain; charset=utf-8"}
+_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+          ".mjs": "text/javascript; charset=utf-8", ".ts": "text/plain; charset=utf-8"}
 
 
 def _collect() -> dict[str, tuple[bytes, str]]:
