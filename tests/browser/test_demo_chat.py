@@ -36,27 +36,47 @@ class LiveBroker:
         trio.from_thread.run_sync(fn, trio_token=self.token)  # type: ignore[arg-type]
 
 
+class BrokerThreads:
+    """Brokers running their own Trio loops in background threads, stopped at the end of the test."""
+
+    def __init__(self) -> None:
+        self.running: list[tuple[LiveBroker, threading.Thread]] = []
+
+    def start(self, **overrides: object) -> LiveBroker:
+        started = threading.Event()
+        holder: dict[str, LiveBroker] = {}
+
+        async def main() -> None:
+            settings = {"ai_demo_tokens_per_second": TOKENS_PER_SECOND, **overrides}
+            broker = Broker(Config(port=0, **settings))  # type: ignore[arg-type]
+            async with trio.open_nursery() as nursery:
+                await nursery.start(broker.serve)
+                holder["live"] = LiveBroker(broker, trio.lowlevel.current_trio_token(),
+                                            f"http://127.0.0.1:{broker.port}")
+                started.set()
+
+        thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
+        thread.start()
+        assert started.wait(10), "the broker did not start"
+        self.running.append((holder["live"], thread))
+        return holder["live"]
+
+    def stop(self) -> None:
+        for live, thread in self.running:
+            live.call(live.broker.shutdown)
+            thread.join(15)
+
+
 @pytest.fixture
-def live() -> Iterator[LiveBroker]:
-    started = threading.Event()
-    holder: dict[str, object] = {}
+def brokers() -> Iterator[BrokerThreads]:
+    threads = BrokerThreads()
+    yield threads
+    threads.stop()
 
-    async def main() -> None:
-        broker = Broker(Config(port=0, ai_demo_tokens_per_second=TOKENS_PER_SECOND))
-        async with trio.open_nursery() as nursery:
-            await nursery.start(broker.serve)
-            holder["live"] = LiveBroker(broker, trio.lowlevel.current_trio_token(),
-                                        f"http://127.0.0.1:{broker.port}")
-            started.set()
 
-    thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
-    thread.start()
-    assert started.wait(10), "the broker did not start"
-    live = holder["live"]
-    assert isinstance(live, LiveBroker)
-    yield live
-    live.call(live.broker.shutdown)
-    thread.join(15)
+@pytest.fixture
+def live(brokers: BrokerThreads) -> LiveBroker:
+    return brokers.start()
 
 
 @pytest.fixture
@@ -139,3 +159,26 @@ def test_a_dropped_connection_mid_answer_still_ends_with_every_token_once(
     expect(reply).to_have_text(expected_answer("Keep going"), timeout=15_000)
     expect(page.get_by_test_id("stop-button")).to_be_hidden()
     assert live.broker.statistics().hub.recoveries >= 1
+
+
+def test_a_reconnect_that_cannot_recover_reloads_the_conversation(brokers: BrokerThreads,
+                                                                  browser: Browser) -> None:
+    # History keeps only 5 publications: after a drop mid-answer, the missed tokens are gone.
+    from broker import ChannelOptions
+
+    live = brokers.start(ai_demo_tokens_per_second=200, channels={
+        "ai-chat/*": ChannelOptions(client_events=("ai:cancel",), history_size=5)})
+    page = open_chat(browser, live.url + "/")
+    page.get_by_test_id("message-input").fill("Again")
+    page.get_by_test_id("send-button").click()
+    reply = page.locator('[data-testid="message"][data-role="assistant"]').last
+    expect(reply).not_to_have_text("", timeout=5000)
+
+    def drop_everyone() -> None:
+        for connection in list(live.broker.connections):
+            connection.close(p.Code.SHUTTING_DOWN, "test: dropping the connection")
+
+    with page.expect_navigation(timeout=10_000):  # the page reloads itself
+        live.call(drop_everyone)  # ~20 tokens go by (and out of history) while it reconnects
+    assert page.evaluate("performance.getEntriesByType('navigation')[0].type") == "reload"
+    assert live.broker.statistics().hub.recovery_misses >= 1
