@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -49,3 +52,17 @@ async def open_raw() -> AsyncIterator[OpenRaw]:
     yield open_one
     for client in opened:
         client.sock.close()
+
+
+def http_json(url: str, payload: object | None = None) -> tuple[int, dict[str, Any]]:
+    """GET ``url`` (or POST ``payload`` as JSON); return the status and the JSON body, errors included.
+
+    Blocking: call it with ``trio.to_thread.run_sync``.
+    """
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from typing import Any
 
 import pytest
@@ -13,21 +10,11 @@ import trio
 from broker import Broker, Config
 from broker.ai import ChatMessage, DemoProvider
 from broker.client import Event, Subscription, connect
-from tests.broker.conftest import StartBroker, ws_url
-
-
-def post(url: str, payload: object) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(url, json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        return error.code, json.load(error)
+from tests.broker.conftest import StartBroker, http_json, ws_url
 
 
 async def api(broker: Broker, path: str, payload: object) -> tuple[int, dict[str, Any]]:
-    return await trio.to_thread.run_sync(post, f"http://127.0.0.1:{broker.port}{path}", payload)
+    return await trio.to_thread.run_sync(http_json, f"http://127.0.0.1:{broker.port}{path}", payload)
 
 
 async def until_terminal(sub: Subscription) -> list[Event]:

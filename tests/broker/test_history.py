@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import random
-import urllib.request
 from collections.abc import Iterable
 from typing import Any
 
@@ -14,10 +12,10 @@ import trio.lowlevel
 import trio.testing
 
 import protocol as p
-from broker import Broker, ChannelOptions, Config, EmitError
+from broker import Broker, ChannelOptions, EmitError
 from broker.client import Event, Subscribed, Subscription, connect
 from broker.history import MemoryEngine
-from tests.broker.conftest import StartBroker, ws_url
+from tests.broker.conftest import StartBroker, http_json, ws_url
 
 
 def offsets(events: Iterable[Event]) -> list[int]:
@@ -35,10 +33,6 @@ async def take(sub: Subscription, count: int) -> list[Event]:
             got.append(event)
             covered += event.offset - event.first_offset + 1
     return got
-
-
-def history_broker_config(**overrides: object) -> Config:
-    return Config(port=0, channels={"h/*": ChannelOptions(history_size=3)}, **overrides)  # type: ignore[arg-type]
 
 
 async def test_reconnect_with_since_gets_exactly_what_was_missed(broker: Broker) -> None:
@@ -192,35 +186,17 @@ async def test_persist_override_on_emits(broker: Broker) -> None:
     body = await trio.to_thread.run_sync(_get_json, f"{url}/api/history?channel=ai-chat/p")
     assert [pub["event"] for pub in body["publications"]] == ["ai:token"]
     status, error = await trio.to_thread.run_sync(
-        _post, f"{url}/api/emit", {"channel": "news", "event": "e", "data": 1, "persist": True})
+        http_json, f"{url}/api/emit", {"channel": "news", "event": "e", "data": 1, "persist": True})
     assert status == 400 and "news keeps no history" in error["error"]
     status, error = await trio.to_thread.run_sync(
-        _post, f"{url}/api/emit", {"channel": "news", "event": "e", "persist": "yes"})
+        http_json, f"{url}/api/emit", {"channel": "news", "event": "e", "persist": "yes"})
     assert status == 400 and "persist must be true or false" in error["error"]
 
 
 def _get_json(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        result: dict[str, Any] = json.load(response)
-        return result
-
-
-def _post(url: str, payload: object) -> tuple[int, dict[str, str]]:
-    request = urllib.request.Request(url, json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        return error.code, json.load(error)
-
-
-def _get_status(url: str) -> tuple[int, dict[str, object]]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        return error.code, json.load(error)
+    status, body = http_json(url)
+    assert status == 200, body
+    return body
 
 
 async def test_history_api_pages_through_a_channel(broker: Broker) -> None:
@@ -258,6 +234,6 @@ async def test_history_api_pages_through_a_channel(broker: Broker) -> None:
 )
 async def test_history_api_names_bad_queries(broker: Broker, query: str, message: str) -> None:
     status, body = await trio.to_thread.run_sync(
-        _get_status, f"http://127.0.0.1:{broker.port}/api/history{query}")
+        http_json, f"http://127.0.0.1:{broker.port}/api/history{query}")
     assert status == 400
     assert message in str(body["error"])

@@ -35,6 +35,15 @@ class LiveBroker:
     def call(self, fn: object) -> None:
         trio.from_thread.run_sync(fn, trio_token=self.token)  # type: ignore[arg-type]
 
+    def drop_connections(self) -> None:
+        """Have the broker close every WebSocket (bye SHUTTING_DOWN, reconnect: true)."""
+
+        def drop() -> None:
+            for connection in list(self.broker.connections):
+                connection.close(p.Code.SHUTTING_DOWN, "test: dropping the connection")
+
+        self.call(drop)
+
 
 class BrokerThreads:
     """Brokers running their own Trio loops in background threads, stopped at the end of the test."""
@@ -149,12 +158,7 @@ def test_a_dropped_connection_mid_answer_still_ends_with_every_token_once(
     page.get_by_test_id("send-button").click()
     reply = page.locator('[data-testid="message"][data-role="assistant"]').last
     expect(reply).not_to_have_text("", timeout=5000)
-
-    def drop_everyone() -> None:
-        for connection in list(live.broker.connections):
-            connection.close(p.Code.SHUTTING_DOWN, "test: dropping the connection")
-
-    live.call(drop_everyone)
+    live.drop_connections()
     expect(page.get_by_test_id("connection-state")).to_have_text("open", timeout=10_000)
     expect(reply).to_have_text(expected_answer("Keep going"), timeout=15_000)
     expect(page.get_by_test_id("stop-button")).to_be_hidden()
@@ -173,12 +177,7 @@ def test_a_reconnect_that_cannot_recover_reloads_the_conversation(brokers: Broke
     page.get_by_test_id("send-button").click()
     reply = page.locator('[data-testid="message"][data-role="assistant"]').last
     expect(reply).not_to_have_text("", timeout=5000)
-
-    def drop_everyone() -> None:
-        for connection in list(live.broker.connections):
-            connection.close(p.Code.SHUTTING_DOWN, "test: dropping the connection")
-
     with page.expect_navigation(timeout=10_000):  # the page reloads itself
-        live.call(drop_everyone)  # ~20 tokens go by (and out of history) while it reconnects
+        live.drop_connections()  # ~20 tokens go by (and out of history) while it reconnects
     assert page.evaluate("performance.getEntriesByType('navigation')[0].type") == "reload"
     assert live.broker.statistics().hub.recovery_misses >= 1
