@@ -12,7 +12,8 @@ import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,19 @@ class Params:
     time_limit: float = 120.0
 
 
+@contextmanager
+def _harness() -> Iterator[ExitStack]:
+    """This process on core 1 with a high descriptor limit; the processes registered on the
+    stack (``stack.callback(proc.stop)``) are stopped on the way out, last started first."""
+    raise_fd_limit()
+    previous_affinity = pin_to(1)
+    try:
+        with ExitStack() as stack:
+            yield stack
+    finally:
+        os.sched_setaffinity(0, previous_affinity)
+
+
 def _target_env(params: Params) -> dict[str, str]:
     if params.target != "tokenfan":
         return {}
@@ -54,13 +68,9 @@ def run(params: Params, progress: Progress | None = None) -> dict[str, Any]:
     """Run one scenario against one target and return its result object."""
     if params.target not in TARGETS:
         raise ValueError(f"unknown target {params.target!r}; known: {', '.join(TARGETS)}")
-    raise_fd_limit()
-    previous_affinity = pin_to(1)
-    broker: BrokerProcess | None = None
-    swarm: CSwarm | None = None
-    emitter: HttpEmitter | None = None
-    try:
+    with _harness() as stack:
         broker = start_target(params.target, env=_target_env(params), cpu=0)
+        stack.callback(broker.stop)
         base_rss = broker.rss_mib()
         channels = [f"bench/ch-{i}" for i in range(params.channels)]
         spec = SwarmSpec(host=HOST, port=broker.port, mode=broker.kind.mode, path=broker.kind.path,
@@ -68,9 +78,11 @@ def run(params: Params, progress: Progress | None = None) -> dict[str, Any]:
                          tokens=params.tokens, timeout=params.time_limit, slow_share=params.slow_share,
                          slow_ms=params.slow_ms, churn=params.churn)
         swarm = CSwarm(spec)
+        stack.callback(swarm.close)
         swarm.wait_ready(timeout=min(params.time_limit, 300))
         connected_rss = broker.rss_mib()
         emitter = HttpEmitter(HOST, broker.emit_port, channels, window=params.window)
+        stack.callback(emitter.close)
         total = params.tokens * params.channels
         cpu0, wall0 = broker.cpu_seconds(), time.monotonic()
         deadline = wall0 + params.time_limit
@@ -96,30 +108,20 @@ def run(params: Params, progress: Progress | None = None) -> dict[str, Any]:
         return _summarize(params, broker, result, cpu=cpu, wall=wall,
                           rss_per_conn_kib=(connected_rss - base_rss) * 1024 / params.subscribers,
                           emit_errors=emitter.errors)
-    finally:
-        if emitter is not None:
-            emitter.close()
-        if swarm is not None:
-            swarm.close()
-        if broker is not None:
-            broker.stop()
-        os.sched_setaffinity(0, previous_affinity)
 
 
 def idle(params: Params, progress: Progress | None = None) -> dict[str, Any]:
     """Connect ``subscribers`` idle subscribers and report the broker's resident memory per connection."""
-    raise_fd_limit()
-    previous_affinity = pin_to(1)
-    broker: BrokerProcess | None = None
-    swarm: CSwarm | None = None
-    try:
+    with _harness() as stack:
         broker = start_target(params.target, env=_target_env(params), cpu=0)
+        stack.callback(broker.stop)
         time.sleep(0.5)
         base = broker.rss_mib()
         spec = SwarmSpec(host=HOST, port=broker.port, mode=broker.kind.mode, path=broker.kind.path,
                          subscribers=params.subscribers, channels=params.channels, tokens=0,
                          timeout=params.time_limit)
         swarm = CSwarm(spec)
+        stack.callback(swarm.close)
         swarm.wait_ready(timeout=min(params.time_limit, 300))
         time.sleep(1.0)  # let allocations settle
         loaded = broker.rss_mib()
@@ -132,12 +134,6 @@ def idle(params: Params, progress: Progress | None = None) -> dict[str, Any]:
                 "duplicates": 0, "ok": True, "deliveries_per_s": None, "deliveries_per_cpu_s": None,
                 "broker_cpu_s": None, "latency_ms": None, "broker_rss_mib": round(loaded, 1),
                 "broker_base_rss_mib": round(base, 1), "rss_per_conn_kib": round(per_conn, 2)}
-    finally:
-        if swarm is not None:
-            swarm.close()
-        if broker is not None:
-            broker.stop()
-        os.sched_setaffinity(0, previous_affinity)
 
 
 #: Events per answer of the demo provider: ai:start, its 60 tokens, ai:done.
@@ -150,18 +146,16 @@ def ai(params: Params, progress: Progress | None = None) -> dict[str, Any]:
     emit (``ai_timestamps``) to each watcher, and the broker's CPU."""
     if params.target != "tokenfan":
         raise ValueError("the ai scenario measures tokenfan's /ai/chat; other targets have none")
-    raise_fd_limit()
-    previous_affinity = pin_to(1)
-    broker: BrokerProcess | None = None
-    swarm: CSwarm | None = None
-    try:
+    with _harness() as stack:
         env = {**_target_env(params), "TOKENFAN_AI_DEMO_TOKENS_PER_SECOND": str(params.rate or 50.0),
                "TOKENFAN_AI_MAX_GENERATIONS": str(params.channels + 10), "TOKENFAN_AI_TIMESTAMPS": "true"}
         broker = start_target("tokenfan", env=env, cpu=0)
+        stack.callback(broker.stop)
         spec = SwarmSpec(host=HOST, port=broker.port, subscribers=params.subscribers,
                          channels=params.channels, prefix="ai-chat/bench-", tokens=AI_EVENTS_PER_ANSWER,
                          timeout=params.time_limit)
         swarm = CSwarm(spec)
+        stack.callback(swarm.close)
         swarm.wait_ready(timeout=min(params.time_limit, 300))
         cpu0, wall0 = broker.cpu_seconds(), time.monotonic()
         errors = 0
@@ -187,12 +181,6 @@ def ai(params: Params, progress: Progress | None = None) -> dict[str, Any]:
                              emit_errors=errors)
         summary["tokens"] = AI_EVENTS_PER_ANSWER
         return summary
-    finally:
-        if swarm is not None:
-            swarm.close()
-        if broker is not None:
-            broker.stop()
-        os.sched_setaffinity(0, previous_affinity)
 
 
 def _summarize(params: Params, broker: BrokerProcess, swarm: dict[str, Any], *, cpu: float, wall: float,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from importlib import resources
 
 import trio
@@ -82,7 +82,7 @@ class DemoProvider:
         return [word if i == 0 else " " + word for i, word in enumerate(words)]
 
     async def stream(self, messages: Sequence[ChatMessage], *, model: str,
-                     max_tokens: int) -> AsyncIterator[str]:
+                     max_tokens: int) -> AsyncGenerator[str, None]:
         interval = 1.0 / self.tokens_per_second if self.tokens_per_second else 0.0
         for token in self.answer(messages, min(self.answer_tokens, max_tokens)):
             await trio.sleep(interval)

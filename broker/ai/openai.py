@@ -53,7 +53,7 @@ class OpenAIProvider:
         self.timeout = timeout
 
     async def stream(self, messages: Sequence[ChatMessage], *, model: str,
-                     max_tokens: int) -> AsyncIterator[str]:
+                     max_tokens: int) -> AsyncGenerator[str, None]:
         body = {"model": model, "stream": True, "max_tokens": max_tokens,
                 "messages": [{"role": m.role, "content": m.content} for m in messages]}
         headers = {"Accept": "text/event-stream"}

@@ -11,7 +11,7 @@ with.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -46,8 +46,11 @@ class Provider(Protocol):
     #: The model used when a request names none.
     default_model: str
 
-    def stream(self, messages: Sequence[ChatMessage], *, model: str, max_tokens: int) -> AsyncIterator[str]:
+    def stream(self, messages: Sequence[ChatMessage], *, model: str,
+               max_tokens: int) -> AsyncGenerator[str, None]:
         """Yield the answer to ``messages`` piece by piece, at most ``max_tokens`` pieces.
+
+        An async generator, so the caller can close it (``contextlib.aclosing``) when it stops early.
 
         Raises:
             ProviderError: the source failed; pieces already yielded stand.

@@ -27,7 +27,7 @@ import contextlib
 import math
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -243,7 +243,7 @@ class AiService:
                     if config.ai_rollup > 0:
                         await self._stream_rolled_up(stream, channel, pieces, config.ai_rollup)
                     else:
-                        async with contextlib.aclosing(stream):  # type: ignore[type-var]
+                        async with contextlib.aclosing(stream):
                             async for piece in stream:
                                 if _check_piece(piece):
                                     self._emit_token(channel, piece)
@@ -276,13 +276,13 @@ class AiService:
                                            reason="error" if error is not None else reason, error=error)
             generation.done.set()
 
-    async def _stream_rolled_up(self, stream: AsyncIterator[str], channel: str, pieces: list[str],
+    async def _stream_rolled_up(self, stream: AsyncGenerator[str, None], channel: str, pieces: list[str],
                                 window: float) -> None:
         """Emit the provider's pieces joined: a piece waits at most ``window`` seconds for company."""
         send, receive = trio.open_memory_channel[str](0)
 
         async def produce() -> None:
-            async with send, contextlib.aclosing(stream):  # type: ignore[type-var]
+            async with send, contextlib.aclosing(stream):
                 async for piece in stream:
                     if _check_piece(piece):
                         await send.send(piece)
