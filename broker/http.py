@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import trio
 
+from broker import cors
 from broker.ai.sessions import ChatRejected, parse_chat_request, result_body
 from broker.httpwire import CONTINUE, HttpError, Request, RequestHead, RequestReader, response
 from broker.sockio import receive_some
@@ -255,10 +256,52 @@ ASYNC_ROUTES: dict[str, tuple[str, AsyncHandler]] = {
 }
 
 
+def _methods(path: str) -> tuple[str, ...] | None:
+    """The methods ``path`` accepts, or None when there is no such path."""
+    if path in ASYNC_ROUTES:
+        return (ASYNC_ROUTES[path][0],)
+    if path in STATIC_FILES:
+        return ("GET", "HEAD")
+    if path in ROUTES:
+        allowed = ROUTES[path][0]
+        return (allowed, "HEAD") if allowed == "GET" else (allowed,)
+    return None
+
+
+def _preflight(head: RequestHead) -> bytes:
+    """``OPTIONS``: a CORS preflight's answer (204), or 403 naming what is not allowed."""
+    methods = _methods(head.path)
+    if methods is None:
+        raise ApiError(404, f"no such path {head.path[:200]!r}")
+    headers = head.headers
+    try:
+        allow = cors.preflight_headers(headers.get("origin"), headers.get("access-control-request-method"),
+                                       headers.get("access-control-request-headers"), methods,
+                                       public=head.path in STATIC_FILES)
+    except cors.PreflightRefused as exc:
+        raise ApiError(403, str(exc)) from None
+    return response(204, b"", headers=allow)
+
+
+def _with_cors(head: RequestHead, reply: bytes) -> bytes:
+    """``reply`` with the CORS headers its request's ``Origin`` earns (unchanged without one)."""
+    origin = head.headers.get("origin")
+    if origin is None or head.method == "OPTIONS":
+        return reply
+    extra = cors.response_headers(origin, public=head.path in STATIC_FILES)
+    if not extra:
+        return reply
+    status_line_end = reply.index(b"\r\n") + 2
+    lines = "".join(f"{name}: {value}\r\n" for name, value in extra).encode("latin-1")
+    return reply[:status_line_end] + lines + reply[status_line_end:]
+
+
 def route(broker: Broker, request: Request) -> bytes:
-    """The complete response to one API request."""
+    """The complete response to one API request (the preflight and the async routes aside)."""
     head = request.head
     path = head.path
+    if head.method == "OPTIONS":
+        return _preflight(head)
     if path in ASYNC_ROUTES:
         raise ApiError(405, f"{path} accepts POST, not {head.method}", (("Allow", "POST"),))
     if path in STATIC_FILES:
@@ -356,13 +399,14 @@ async def _serve(broker: Broker, conn: _Connection) -> Upgrade | None:
                     await conn.flush()  # earlier pipelined answers first
                     deadline.deadline = math.inf  # the handler bounds itself (e.g. ai_time_limit)
                     try:
-                        conn.out.append(await ASYNC_ROUTES[head.path][1](broker, request))
+                        reply = await ASYNC_ROUTES[head.path][1](broker, request)
                     finally:
                         deadline.deadline = trio.current_time() + timeout
                 else:
-                    conn.out.append(route(broker, request))
+                    reply = route(broker, request)
             except ApiError as exc:
-                conn.out.append(error_response(exc.status, exc.message, headers=exc.headers))
+                reply = error_response(exc.status, exc.message, headers=exc.headers)
+            conn.out.append(_with_cors(head, reply))
             if not head.keep_alive:
                 return None
     # Only the deadline gets here.
