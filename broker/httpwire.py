@@ -26,6 +26,13 @@ from dataclasses import dataclass
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/1\.([01])")
 _HEADER_VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# Content-Length = 1*DIGIT (ASCII only: str.isdigit() also takes "²" and "٣"); 18 digits is
+# past any body we accept and short enough that int() never meets Python's digit limit.
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
+# chunk = chunk-size [ chunk-ext ] CRLF; chunk-size = 1*HEXDIG; chunk-ext = *( BWS ";" ... ).
+# Exactly that: no sign, no "0x", no "_", no leading space, which int(x, 16) would all take
+# and a proxy in front may read differently (request smuggling).
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[^\r\n]*)?")
 _MAX_HEADERS = 100
 
 REASONS = {
@@ -191,8 +198,8 @@ class RequestReader:
                 raise HttpError(501, f"unsupported Transfer-Encoding {encoding[:50]!r}")
             self._chunks = bytearray()
         elif length is not None:
-            if not length.isdigit():
-                raise HttpError(400, f"bad Content-Length {length[:30]!r}")
+            if _CONTENT_LENGTH.fullmatch(length) is None:
+                raise HttpError(400, f"bad Content-Length {length[:30]!r}: expected 1 to 18 ASCII digits")
             self._length = int(length)
             if self._length > self._max_body:
                 raise HttpError(413, f"body of {self._length} bytes is over the {self._max_body}-byte limit")
@@ -217,11 +224,11 @@ class RequestReader:
                 if len(buffer) > 1024:
                     raise HttpError(400, "bad chunked body: chunk size line too long")
                 return None
-            size_text = bytes(buffer[:end]).split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise HttpError(400, f"bad chunked body: chunk size {size_text[:20]!r}") from None
+            size_line = _CHUNK_SIZE.fullmatch(buffer, 0, end)
+            if size_line is None:
+                raise HttpError(400, f"bad chunked body: chunk size line {bytes(buffer[:min(end, 20)])!r} "
+                                     "is not hex digits (and an optional ;extension)")
+            size = int(size_line.group(1), 16)
             if size == 0:
                 # Last chunk, then optional trailers, then an empty line.
                 trailer_end = buffer.find(b"\r\n\r\n", end)

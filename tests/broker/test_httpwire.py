@@ -118,3 +118,27 @@ def test_response_bytes() -> None:
     assert data == (b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: 12\r\n"
                     b"Allow: GET\r\nConnection: close\r\n\r\n{\"ok\":false}")
     assert response(200, b"abc", head_only=True).endswith(b"Content-Length: 3\r\n\r\n")
+
+
+@pytest.mark.parametrize("size", [b"-2", b"0x2e", b"+2e", b"0_2e", b" 2e", b"2e ", b"", b"g", b"\xb2",
+                                  b"1" * 17])
+def test_chunk_sizes_are_exactly_hex_digits(size: bytes) -> None:
+    data = (b"POST /api/emit HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + size + b"\r\n" + b"x" * 46 + b"\r\n0\r\n\r\n")
+    with pytest.raises(HttpError) as caught:
+        read_all(data)
+    assert caught.value.status == 400 and "chunk size" in caught.value.message
+
+
+def test_a_chunk_extension_after_whitespace_is_allowed() -> None:
+    data = (b"POST /api/emit HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2E ;name=value\r\n" + b"x" * 46 + b"\r\n0\r\n\r\n")
+    [request] = read_all(data)
+    assert request.body == b"x" * 46
+
+
+@pytest.mark.parametrize("length", [b"\xb2", b"\xd9\xa3", b"+5", b"-1", b"5 5", b"0x5", b"9" * 5000, b""])
+def test_content_length_is_ascii_digits(length: bytes) -> None:
+    with pytest.raises(HttpError) as caught:
+        read_all(b"POST /api/emit HTTP/1.1\r\nHost: a\r\nContent-Length: " + length + b"\r\n\r\nhello")
+    assert caught.value.status == 400 and "Content-Length" in caught.value.message
