@@ -324,19 +324,36 @@ def route(broker: Broker, request: Request) -> bytes:
 # -- the connection loop -------------------------------------------------------------
 
 
+#: Answers queued on one connection past which it is sent before the next request is read.
+_MAX_QUEUED = 64 * 1024
+
+
 class _Connection:
-    """Reads requests from one socket and queues the responses, written before each blocking read."""
+    """Reads requests from one socket and queues the responses, written before each blocking read.
+
+    Answers to pipelined requests are joined into one write, but at most
+    :data:`_MAX_QUEUED` bytes of them: past that they are sent before the next
+    request is even parsed, so a client that pipelines requests and never reads
+    holds at most one answer's worth of the broker's memory (and is cut by the
+    request deadline while its answer does not drain).
+    """
 
     def __init__(self, stream: trio.SocketStream, max_body: int) -> None:
         self.stream = stream
         self.fd = stream.socket.fileno()
         self.reader = RequestReader(max_head=_MAX_HEAD, max_body=max_body)
         self.out: list[bytes] = []
+        self.queued = 0
+
+    def answer(self, reply: bytes) -> None:
+        self.out.append(reply)
+        self.queued += len(reply)
 
     async def flush(self) -> None:
         if self.out:
             data = b"".join(self.out)
             self.out.clear()
+            self.queued = 0
             await self.stream.send_all(data)
 
     async def next_request(self) -> Request | None:
@@ -347,7 +364,7 @@ class _Connection:
             if request is not None:
                 return request
             if reader.expects_continue:
-                self.out.append(CONTINUE)
+                self.answer(CONTINUE)
                 reader.continue_sent()
             await self.flush()
             data = await receive_some(self.fd)
@@ -365,7 +382,7 @@ async def serve_http(broker: Broker, stream: trio.SocketStream) -> Upgrade | Non
     try:
         upgrade = await _serve(broker, conn)
     except HttpError as exc:
-        conn.out.append(error_response(exc.status, exc.message, close=True))
+        conn.answer(error_response(exc.status, exc.message, close=True))
         upgrade = None
     # Whatever is still queued goes out before the connection is handed over or closed.
     with trio.move_on_after(config.shutdown_timeout):
@@ -406,10 +423,12 @@ async def _serve(broker: Broker, conn: _Connection) -> Upgrade | None:
                     reply = route(broker, request)
             except ApiError as exc:
                 reply = error_response(exc.status, exc.message, headers=exc.headers)
-            conn.out.append(_with_cors(head, reply))
+            conn.answer(_with_cors(head, reply))
             if not head.keep_alive:
                 return None
+            if conn.queued > _MAX_QUEUED:
+                await conn.flush()
     # Only the deadline gets here.
     if not conn.reader.idle:
-        conn.out.append(error_response(408, "request took too long to arrive", close=True))
+        conn.answer(error_response(408, "request took too long to arrive", close=True))
     return None

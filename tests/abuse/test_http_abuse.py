@@ -1,0 +1,60 @@
+"""Hostile HTTP clients against a broker process: bounded memory and time, answers instead of tracebacks."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.request
+
+from tests.abuse.conftest import StartHostile
+
+MiB = 1024 * 1024
+
+
+def _post(port: int, path: str, payload: object) -> dict[str, object]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        result: dict[str, object] = json.load(response)
+        return result
+
+
+def _health_time(port: int) -> float:
+    started = time.monotonic()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as response:
+        assert response.status == 200
+    return time.monotonic() - started
+
+
+def test_pipelined_requests_on_a_connection_that_never_reads_hold_one_answer(
+        hostile_broker: StartHostile) -> None:
+    """Finding 3: 13.6 KB of pipelined history requests once made the broker build every answer (3.28 GB)."""
+    served = hostile_broker(handshake_timeout="3s")
+    # 4,000 kept publications of 1 KB: each history answer is about 4.5 MB of JSON.
+    token = "x" * 1000
+    for _ in range(40):
+        _post(served.port, "/api/emit/batch", {"events": [
+            {"channel": "ai-chat/big", "event": "ai:token", "data": {"token": token}}] * 100})
+    before = served.status("VmRSS")
+    request = b"GET /api/history?channel=ai-chat/big&limit=10000 HTTP/1.1\r\nHost: x\r\n\r\n"
+    attacker = socket.create_connection(("127.0.0.1", served.port))
+    try:
+        attacker.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        attacker.sendall(request * (13_600 // len(request)))  # about 190 requests, never read
+        time.sleep(1.0)
+        # Others are served meanwhile, and the broker holds about one answer for the attacker.
+        assert _health_time(served.port) < 0.5
+        grown = served.status("VmHWM") - before
+        assert grown < 64 * MiB, f"peak RSS grew {grown / MiB:.0f} MiB"
+
+        # The request deadline (3 s) cuts a connection whose answer does not drain: reading now
+        # gets what was queued before the cut, then the end of the stream, not 190 answers.
+        time.sleep(3.0)
+        attacker.settimeout(15)
+        received = 0
+        while chunk := attacker.recv(1 << 20):
+            received += len(chunk)
+        assert received < 3 * 5 * MiB, f"{received / MiB:.0f} MiB of answers were sent"
+    finally:
+        attacker.close()
