@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -68,14 +69,31 @@ def error_response(status: int, message: str, *, headers: tuple[tuple[str, str],
 # -- request bodies ----------------------------------------------------------------
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ApiError(400, f"body is not valid JSON: {name} is not a JSON number")
+
+
+def parse_json(body: bytes) -> Any:
+    """Decode a JSON body strictly (no ``NaN``/``Infinity``), with every failure a 400 naming it.
+
+    Python's own limits become answers here: a body nested beyond the
+    interpreter's recursion limit, or an integer of more than 4,300 digits.
+    """
+    try:
+        return json.loads(body, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ApiError(400, "body is not valid JSON for this broker: nested too deeply") from None
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, f"body is not valid JSON: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except ValueError as exc:  # JSONDecodeError, and int() refusing a number of too many digits
+        raise ApiError(400, f"body is not valid JSON: {str(exc)[:200]}") from None
+
+
 def parse_body(head: RequestHead, body: bytes) -> Any:
     """Decode a request body by its Content-Type (JSON when absent)."""
     content_type = head.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if content_type in ("application/json", "text/json"):
-        try:
-            return json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ApiError(400, f"body is not valid JSON: {exc}") from None
+        return parse_json(body)
     if content_type in ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack"):
         try:
             return msgpack.unpackb(body, raw=False, strict_map_key=True)
@@ -175,11 +193,15 @@ def _query(request: Request) -> dict[str, str]:
     return query
 
 
+_DIGITS = re.compile(r"[0-9]{1,20}")
+
+
 def _int_param(query: dict[str, str], key: str, default: int, low: int, high: int) -> int:
     raw = query.get(key)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    # ASCII digits only (str.isdigit() takes "²"), and few enough for int() to be cheap.
+    if _DIGITS.fullmatch(raw) is None or not low <= int(raw) <= high:
         raise ApiError(400, f"{key} must be an integer from {low} to {high}, got {raw[:40]!r}")
     return int(raw)
 

@@ -1,0 +1,132 @@
+"""Finding 7: every request, however malformed, gets a well-formed answer naming the problem.
+
+No traceback either: one broker process serves the whole module; the fixture fails the test if
+anything it logged holds a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.abuse.conftest import ServedBroker, StartHostile
+
+_STATUS = re.compile(rb"HTTP/1\.1 (\d{3}) [A-Za-z ]+\r\n")
+
+
+@pytest.fixture
+def served(hostile_broker: StartHostile) -> Iterator[ServedBroker]:
+    yield hostile_broker(handshake_timeout="2s")
+
+
+def exchange(port: int, data: bytes, *, timeout: float = 5.0) -> bytes:
+    """Send ``data``, half-close, and read until the broker closes (or the deadline)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        try:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # it answered and closed before reading everything: the answer is still there
+        received = bytearray()
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            pass
+        return bytes(received)
+
+
+def answers(raw: bytes) -> list[tuple[int, dict[str, object] | None]]:
+    """The statuses (and JSON bodies) of the responses in ``raw``; fails on anything malformed."""
+    found = []
+    rest = raw
+    while rest:
+        match = _STATUS.match(rest)
+        assert match, f"not an HTTP response: {rest[:200]!r}"
+        head, _, rest = rest.partition(b"\r\n\r\n")
+        length_match = re.search(rb"\r\nContent-Length: (\d+)", head)
+        assert length_match, head
+        length = int(length_match.group(1))
+        body, rest = rest[:length], rest[length:]
+        assert len(body) == length, "truncated body"
+        status = int(match.group(1))
+        parsed = json.loads(body) if b"application/json" in head and body else None
+        if status >= 400:
+            assert parsed is not None and parsed["ok"] is False and parsed["error"], (status, body)
+        found.append((status, parsed))
+    return found
+
+
+def one_answer(port: int, data: bytes) -> tuple[int, str]:
+    replies = answers(exchange(port, data))
+    assert replies, "no answer"
+    status, body = replies[-1]
+    return status, str(body["error"]) if body and "error" in body else ""
+
+
+def request(method: str, target: str, body: bytes = b"", content_type: str = "application/json",
+            extra: str = "") -> bytes:
+    return (f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n").encode() + body
+
+
+@pytest.mark.parametrize("data, status, problem", [
+    (b"POST /api/emit HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: \xb2\r\n\r\n{}", 400, "Content-Length"),
+    (request("GET", "/api/history?channel=a&since=%C2%B2"), 400, "since must be an integer"),
+    (request("GET", "/api/history?channel=a&limit=%D9%A3"), 400, "limit must be an integer"),
+    (request("GET", "/api/history?channel=a&since=" + "9" * 5000), 400, "since must be an integer"),
+    (request("POST", "/api/emit", b"[" * 100_000 + b"]" * 100_000), 400, "nested too deeply"),
+    (request("POST", "/api/emit", b'{"channel": "a", "event": "e", "data": ' + b"7" * 5000 + b"}"), 400,
+     "not valid JSON"),
+    (request("POST", "/api/emit", b'{"channel": "a", "event": "e", "data": NaN}'), 400, "NaN"),
+    (request("POST", "/api/emit", b'{"channel": "a", "event": "e", "data": [-Infinity]}'), 400, "Infinity"),
+    (request("POST", "/api/emit", b'{"channel": "a", "event": "e", "data": "\xff"}'), 400, "UTF-8"),
+])
+def test_hostile_requests_get_an_answer_naming_the_problem(
+        served: ServedBroker, data: bytes, status: int, problem: str) -> None:
+    got_status, error = one_answer(served.port, data)
+    assert got_status == status and problem in error, (got_status, error)
+
+
+_METHODS = st.sampled_from(["GET", "POST", "HEAD", "PUT", "OPTIONS", "DELETE", "G\x00T", ""])
+_PATHS = st.sampled_from(["/api/emit", "/api/emit/batch", "/api/history", "/ai/chat", "/ai/cancel",
+                          "/healthz", "/", "/ws", "/tokenfan.js", "/nowhere", "*", ""])
+_QUERY = st.text(st.characters(codec="utf-8"), max_size=30).map(
+    lambda text: "?" + text.replace(" ", "%20").replace("\r", "").replace("\n", ""))
+_HEADER_VALUE = st.one_of(st.text(max_size=40), st.sampled_from(
+    ["application/json", "application/msgpack", "chunked", "100-continue", "-1", "0x10", "close"]))
+_HEADERS = st.lists(st.tuples(st.sampled_from(["Content-Type", "Transfer-Encoding", "Expect", "Connection",
+                                                "Origin", "Upgrade", "X-Any", "Bad Name"]), _HEADER_VALUE),
+                    max_size=4)
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                     lambda children: st.lists(children, max_size=4)
+                     | st.dictionaries(st.text(max_size=8), children, max_size=4), max_leaves=12)
+_BODY = st.one_of(st.binary(max_size=200), _JSON.map(lambda value: json.dumps(value).encode()),
+                  st.fixed_dictionaries({"channel": st.text(max_size=12), "event": st.text(max_size=12),
+                                         "data": _JSON}).map(lambda value: json.dumps(value).encode()))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(method=_METHODS, path=_PATHS, query=_QUERY, headers=_HEADERS, body=_BODY,
+       garbage=st.one_of(st.none(), st.binary(min_size=1, max_size=300)))
+def test_any_request_gets_well_formed_answers(served: ServedBroker, method: str, path: str, query: str,
+                                              headers: list[tuple[str, str]], body: bytes,
+                                              garbage: bytes | None) -> None:
+    if garbage is not None:
+        data = garbage
+    else:
+        lines = [f"{method} {path}{query} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(body)}"]
+        lines += [f"{name}: {value}" for name, value in headers]
+        data = "\r\n".join(lines).encode("utf-8", "surrogatepass") + b"\r\n\r\n" + body
+    raw = exchange(served.port, data)
+    # A WebSocket handshake that succeeded answers 101 and speaks WebSocket after it.
+    if raw.startswith(b"HTTP/1.1 101 "):
+        return
+    for status, _ in answers(raw):
+        assert 200 <= status < 500 or status == 501, status
