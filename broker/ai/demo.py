@@ -1,18 +1,28 @@
-"""The offline token source: a small Markov chain over a public-domain text.
+"""The offline token source: it says what it is, then reads a public-domain book aloud.
 
-It makes the quick start and the tests work with no network and no key. The
-text is the opening of Lewis Carroll's *Alice's Adventures in Wonderland*
-(1865, public domain), shipped as ``corpus.txt``. Words are chosen by a
-second-order Markov chain with a :class:`random.Random` seeded from the
-provider's seed and the prompt, so the same question gets the same answer;
-each word (with its leading space) is one token, paced at
-``tokens_per_second``. (The ``markovify`` package does the same job but draws
-from the global ``random`` state, which makes seeding per answer awkward.)
+It makes the quick start and the tests work with no network and no key, and
+its answers must make sense to someone trying the demo chat who expects an
+LLM. So an answer first says that it comes from tokenfan's offline demo model,
+not an LLM, and quotes the question; then it streams Lewis Carroll's *Alice's
+Adventures in Wonderland*, chapter I (1865, public domain, shipped as
+``corpus.txt``), in order. The text is real, so what a newcomer watches is a
+readable answer arriving word by word, as a model's would.
+
+Theory of operation
+-------------------
+An answer is a pure function of the provider's ``seed`` and the
+conversation: the first answer of a conversation starts at paragraph ``seed``
+(0: the chapter's title), and each follow-up goes on where the answer before
+it ends when it runs its course, found by laying the earlier answers out again
+(a conversation holds at most a few dozen turns). The text wraps around to the
+chapter's start. Each word, with the space or paragraph break before it, is
+one token; an answer is exactly ``answer_tokens`` tokens (fewer when the caller
+allows fewer), and one that stops in the middle of a sentence ends with "…",
+as the next one starts with it. Tokens come ``tokens_per_second`` a second.
 """
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections import defaultdict
 from collections.abc import AsyncGenerator, Sequence
@@ -22,48 +32,54 @@ import trio
 
 from broker.ai.providers import ChatMessage
 
-_START = ("", "")
+#: Words of the question quoted back at most; a longer one is cut with "…".
+ECHO_WORDS = 24
 
-
-class MarkovChain:
-    """Second-order word chain: which words followed each pair of words in the text."""
-
-    def __init__(self, text: str) -> None:
-        self._next: dict[tuple[str, str], list[str]] = defaultdict(list)
-        for line in text.splitlines():
-            words = line.split()
-            previous = _START
-            for word in words:
-                self._next[previous].append(word)
-                previous = (previous[1], word)
-        if not self._next[_START]:
-            raise ValueError("the text has no words")
-
-    def generate(self, rng: random.Random, count: int) -> list[str]:
-        """``count`` words, restarting from the start of a line whenever the chain runs out."""
-        out: list[str] = []
-        state = _START
-        while len(out) < count:
-            choices = self._next.get(state)
-            if not choices:
-                state = _START
-                continue
-            word = rng.choice(choices)
-            out.append(word)
-            state = (state[1], word)
-        return out
+_FIRST = ("This is tokenfan's offline demo model, not an LLM, so it cannot answer {question}. "
+          "Instead it streams a public-domain book, Alice's Adventures in Wonderland (Lewis Carroll, "
+          "1865), a word at a time, to everyone watching this conversation. For real answers, point "
+          "the broker at a real model (see docs/ai-streaming.md).")
+_NEXT = ("This is still tokenfan's offline demo model, so it cannot answer {question} either. "
+         "Here is what comes next in the book:")
+_SENTENCE_END = (".", "!", "?", ".'", "!'", "?'", ".)", "!)", "?)", ".')", "!')", "?')")
 
 
 def load_corpus() -> str:
-    return resources.files("broker.ai").joinpath("corpus.txt").read_text(encoding="utf-8")
+    """The shipped text, without its ``#`` header: paragraphs separated by blank lines."""
+    text = resources.files("broker.ai").joinpath("corpus.txt").read_text(encoding="utf-8")
+    return "\n".join(line for line in text.splitlines() if not line.startswith("#")).strip()
+
+
+class Book:
+    """A text as a list of words, knowing which words start a paragraph."""
+
+    def __init__(self, text: str) -> None:
+        self.words: list[str] = []
+        self.paragraphs: list[int] = []  # index of each paragraph's first word
+        for paragraph in text.split("\n\n"):
+            words = paragraph.split()
+            if words:
+                self.paragraphs.append(len(self.words))
+                self.words.extend(words)
+        if not self.words:
+            raise ValueError("the text has no words")
+        self._starts = frozenset(self.paragraphs)
+
+    def starts_paragraph(self, index: int) -> bool:
+        return index % len(self.words) in self._starts
+
+    def mid_sentence(self, index: int) -> bool:
+        """True when word ``index`` is inside a sentence (not the first of a paragraph or of a sentence)."""
+        before = self.words[(index - 1) % len(self.words)]
+        return not self.starts_paragraph(index) and not before.endswith(_SENTENCE_END)
 
 
 class DemoProvider:
-    """Answers from the Markov chain, ``tokens_per_second`` tokens a second (0: as fast as possible)."""
+    """The offline demo model, ``tokens_per_second`` tokens a second (0: as fast as possible)."""
 
     default_model = "demo-markov"
 
-    def __init__(self, *, tokens_per_second: float = 30.0, answer_tokens: int = 60, seed: int = 0,
+    def __init__(self, *, tokens_per_second: float = 30.0, answer_tokens: int = 200, seed: int = 0,
                  text: str | None = None) -> None:
         if tokens_per_second < 0:
             raise ValueError(f"tokens_per_second must not be negative, got {tokens_per_second}")
@@ -72,14 +88,40 @@ class DemoProvider:
         self.tokens_per_second = tokens_per_second
         self.answer_tokens = answer_tokens
         self.seed = seed
-        self._chain = MarkovChain(load_corpus() if text is None else text)
+        self._book = Book(load_corpus() if text is None else text)
 
     def answer(self, messages: Sequence[ChatMessage], count: int) -> list[str]:
-        """The tokens of the answer to ``messages`` (deterministic for a seed and a conversation)."""
-        digest = hashlib.sha256(repr((self.seed, [(m.role, m.content) for m in messages])).encode())
-        rng = random.Random(int.from_bytes(digest.digest()[:8], "big"))
-        words = self._chain.generate(rng, count)
-        return [word if i == 0 else " " + word for i, word in enumerate(words)]
+        """The first ``count`` tokens of the answer to ``messages`` (deterministic for a seed and a
+        conversation)."""
+        book = self._book
+        position = book.paragraphs[self.seed % len(book.paragraphs)]
+        question, follow_up = "", False
+        for message in messages[:-1]:
+            if message.role == "user":
+                question = message.content
+            elif message.role == "assistant":
+                _, position = self._layout(question, follow_up, position, self.answer_tokens)
+                follow_up = True
+        if messages and messages[-1].role == "user":
+            question = messages[-1].content
+        return self._layout(question, follow_up, position, count)[0]
+
+    def _layout(self, question: str, follow_up: bool, position: int, count: int) -> tuple[list[str], int]:
+        """The answer's tokens, reading the book from word ``position``, and where the next answer starts."""
+        book = self._book
+        intro = (_NEXT if follow_up else _FIRST).format(question=_quote(question)).split()
+        tokens = [word if i == 0 else " " + word for i, word in enumerate(intro[:count])]
+        start = position
+        while len(tokens) < count:
+            word = book.words[position % len(book.words)]
+            if position == start and book.mid_sentence(position):
+                word = "…" + word  # it goes on in the middle of a sentence
+            new_paragraph = position == start or book.starts_paragraph(position)
+            tokens.append(("\n\n" if new_paragraph else " ") + word)
+            position += 1
+        if position > start and book.mid_sentence(position):
+            tokens[-1] = tokens[-1].rstrip(",;:-") + "…"  # it stops in the middle of a sentence
+        return tokens, position % len(book.words)
 
     async def stream(self, messages: Sequence[ChatMessage], *, model: str,
                      max_tokens: int) -> AsyncGenerator[str, None]:
@@ -87,3 +129,46 @@ class DemoProvider:
         for token in self.answer(messages, min(self.answer_tokens, max_tokens)):
             await trio.sleep(interval)
             yield token
+
+
+def _quote(question: str) -> str:
+    words = question.split()
+    if not words:
+        return "that"
+    if len(words) > ECHO_WORDS:
+        words = [*words[:ECHO_WORDS - 1], words[ECHO_WORDS - 1].rstrip(",;:-") + "…"]
+    return '"' + " ".join(words) + '"'
+
+
+class MarkovChain:
+    """Second-order word chain: which words followed each pair of words in the text.
+
+    The demo model no longer uses it (it reads its text in order, which a newcomer
+    can follow); it stays because :mod:`broker.ai` exports it.
+    """
+
+    _START = ("", "")
+
+    def __init__(self, text: str) -> None:
+        self._next: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for line in text.splitlines():
+            previous = self._START
+            for word in line.split():
+                self._next[previous].append(word)
+                previous = (previous[1], word)
+        if not self._next[self._START]:
+            raise ValueError("the text has no words")
+
+    def generate(self, rng: random.Random, count: int) -> list[str]:
+        """``count`` words, restarting from the start of a line whenever the chain runs out."""
+        out: list[str] = []
+        state = self._START
+        while len(out) < count:
+            choices = self._next.get(state)
+            if not choices:
+                state = self._START
+                continue
+            word = rng.choice(choices)
+            out.append(word)
+            state = (state[1], word)
+        return out
