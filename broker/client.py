@@ -38,6 +38,7 @@ and recovers).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import itertools
@@ -114,6 +115,26 @@ class Subscribed:
 
 
 _LOST = object()  # queued for an iterator: StreamLost
+
+
+def _require_trio(entry_point: str) -> None:
+    """Raise a RuntimeError that says what to do when called outside Trio (under asyncio, say).
+
+    Without it, Trio fails deep inside with ``AttributeError: 'RunContext'
+    object has no attribute 'runner'``.
+    """
+    if trio.lowlevel.in_trio_task():
+        return
+    try:
+        asyncio.get_running_loop()
+        running = "under asyncio"
+    except RuntimeError:
+        running = "outside trio.run()"
+    raise RuntimeError(
+        f"broker.client.{entry_point} runs on Trio, but was called {running}. From asyncio "
+        "(FastAPI, Starlette, aiohttp, Django), publish with broker.publisher.AsyncPublisher over HTTP "
+        "(see docs/publishing.md); to watch channels, run this client in a thread with trio.run(), "
+        "or use any WebSocket client that speaks docs/protocol.md.")
 
 
 def _sub_frame(channel: str, since: p.Position | None, frame_id: int) -> p.Sub:
@@ -451,6 +472,7 @@ async def open_websocket(url: str, *, max_message_size: int = p.SERVER_LIMITS.ma
     trio-websocket's client leaves its socket open when the server closes
     first; owning the stream lets us always close it.
     """
+    _require_trio("open_websocket")
     parts = urllib.parse.urlsplit(url)
     if parts.scheme != "ws" or not parts.hostname:
         raise ValueError(f"expected a ws:// URL such as ws://127.0.0.1:8765/ws, got {url!r}")
@@ -490,6 +512,7 @@ async def connect(url: str, *, reconnect: bool = True, backoff: tuple[float, flo
     ``on_state(state, why)`` is called when the state changes to ``open``,
     ``reconnecting`` (``why``: how the last connection ended) or ``closed``.
     """
+    _require_trio("connect")
     client = Client(url, reconnect=reconnect, backoff=backoff, max_message_size=max_message_size,
                     connect_timeout=connect_timeout, on_state=on_state)
     async with trio.open_nursery() as nursery:
