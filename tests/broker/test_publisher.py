@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
-import sniffio
 import trio
 
 from broker import Broker, Config
@@ -98,7 +97,7 @@ def free_port() -> int:
 
 def run_asyncio(scenario: Callable[..., Awaitable[T]], *args: Any) -> T:
     async def main() -> T:
-        assert sniffio.current_async_library() == "asyncio"
+        assert asyncio.get_running_loop() and not trio.lowlevel.in_trio_task()
         return await scenario(*args)
 
     return asyncio.run(main())
@@ -106,7 +105,7 @@ def run_asyncio(scenario: Callable[..., Awaitable[T]], *args: Any) -> T:
 
 def run_trio(scenario: Callable[..., Awaitable[T]], *args: Any) -> T:
     async def main() -> T:
-        assert sniffio.current_async_library() == "trio"
+        assert trio.lowlevel.in_trio_task()
         return await scenario(*args)
 
     return trio.run(main)
@@ -390,7 +389,7 @@ async def concurrent_emits(url: str) -> None:
             queued.append(i)  # emit queues before its first checkpoint: this is the queue's order
             results[i] = await publisher.emit("ai-chat/tick", "ai:token", {"i": i})
 
-        if sniffio.current_async_library() == "asyncio":
+        if not trio.lowlevel.in_trio_task():
             await asyncio.gather(*(emit(i) for i in range(100)))
         else:
             async with trio.open_nursery() as nursery:
@@ -423,7 +422,7 @@ async def a_bad_emit_among_many(url: str) -> None:
             except Rejected as exc:
                 outcomes[i] = exc
 
-        async with trio.open_nursery() if sniffio.current_async_library() == "trio" else _Gather() as group:
+        async with trio.open_nursery() if trio.lowlevel.in_trio_task() else _Gather() as group:
             for i in range(10):
                 group.start_soon(emit, i)
         bad = outcomes.pop(5)
@@ -488,7 +487,7 @@ async def backpressure(url: str) -> None:
 
 
 async def _all(*calls: Awaitable[T]) -> list[T]:
-    if sniffio.current_async_library() == "asyncio":
+    if not trio.lowlevel.in_trio_task():
         return list(await asyncio.gather(*calls))
     results: list[T] = []
 
