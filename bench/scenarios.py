@@ -20,6 +20,7 @@ from typing import Any
 from bench.cswarm import CSwarm, SwarmSpec
 from bench.emitter import HttpEmitter
 from bench.target import TARGETS, BrokerProcess, pin_to, raise_fd_limit, start_target
+from broker.ai import DemoProvider
 
 HOST = "127.0.0.1"
 Progress = Callable[[float], None]
@@ -136,8 +137,8 @@ def idle(params: Params, progress: Progress | None = None) -> dict[str, Any]:
                 "broker_base_rss_mib": round(base, 1), "rss_per_conn_kib": round(per_conn, 2)}
 
 
-#: Events per answer of the demo provider: ai:start, its 60 tokens, ai:done.
-AI_EVENTS_PER_ANSWER = 62
+#: Events per answer of the demo provider: ai:start, its tokens, ai:done.
+AI_EVENTS_PER_ANSWER = DemoProvider().answer_tokens + 2
 
 
 def ai(params: Params, progress: Progress | None = None) -> dict[str, Any]:
