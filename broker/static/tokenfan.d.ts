@@ -1,4 +1,4 @@
-// Type declarations for tokenfan.js (the browser client). See docs/protocol.md for the frames.
+// Type declarations for tokenfan.js (the browser and Node client). See docs/protocol.md for the frames.
 
 export type State = 'connecting' | 'open' | 'reconnecting' | 'closed'
 /** Offsets beyond 2^53 arrive as bigint. */
@@ -38,8 +38,27 @@ export declare class Channel {
   unsubscribe (): Promise<void>
 }
 
+/** What the client needs of a WebSocket: the browser's, Node ≥ 22's, or the `ws` package's. */
+export interface WebSocketLike {
+  binaryType: string
+  onopen: any
+  onmessage: any
+  onclose: any
+  send (data: any): void
+  close (code?: number): void
+}
+
+export interface RealtimeOptions {
+  /** The broker's WebSocket endpoint, e.g. 'wss://broker.example/ws'. */
+  url: string
+  /** First and longest wait between reconnection attempts, in ms (default [100, 5000]). */
+  backoff?: [number, number]
+  /** A WebSocket class for runtimes without a global one (Node < 22: `import WebSocket from 'ws'`). */
+  WebSocket?: new (url: string) => WebSocketLike
+}
+
 export declare class Realtime {
-  constructor (options: { url: string, backoff?: [number, number], WebSocket?: typeof WebSocket })
+  constructor (options: RealtimeOptions)
   readonly url: string
   state: State
   readonly channels: Map<string, Channel>

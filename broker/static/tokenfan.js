@@ -1,4 +1,6 @@
-// tokenfan.js: the browser (and Node ≥ 22) client of the tokenfan protocol. One ES module, no build step.
+// tokenfan.js: the browser and Node client of the tokenfan protocol. One ES module, no build step.
+// The broker serves it at /tokenfan.js; npm's `tokenfan` package (clients/js/) is built from this
+// file, importing '@msgpack/msgpack' instead of ./vendor/msgpack (Node < 22: pass { WebSocket } from 'ws').
 //
 //   import { Realtime } from '/tokenfan.js'
 //   const realtime = new Realtime({ url: 'ws://127.0.0.1:8765/ws' })
@@ -73,6 +75,7 @@ export class Channel {
     this._since = null
     this._ready = null
     this._resolveReady = null
+    this._live = false // the current `sub` is confirmed: events of this channel are ours
   }
 
   /** Call handler({ event, data, channel, offset }) for each `event` ('*': every event). Also
@@ -111,6 +114,7 @@ export class Channel {
 
   async unsubscribe () {
     this.subscribed = false
+    this._live = false
     this.realtime.channels.delete(this.name)
     if (this.realtime.state === 'open') await this.realtime._request({ t: 'unsub', ch: this.name })
   }
@@ -124,6 +128,7 @@ export class Channel {
   }
 
   _confirmed (ok, resubscribed) {
+    this._live = true
     this.offset = ok.o
     this.epoch = ok.ep
     this.recovered = Boolean(ok.recovered)
@@ -133,6 +138,9 @@ export class Channel {
   }
 
   _deliver (frame) {
+    // Before our `sub` is confirmed, events of this name are the tail of an earlier subscription
+    // (one unsubscribed just before, e.g. a React effect run twice): our own replay follows the `ok`.
+    if (!this._live) return
     if (this.offset !== null && !later(frame.o, this.offset)) return // seen already
     this.offset = frame.o
     this._emit(frame.ev, { event: frame.ev, data: frame.d, channel: this.name, offset: frame.o, firstOffset: frame.o0 ?? frame.o })
@@ -211,6 +219,7 @@ export class Realtime {
     const since = resubscribed ? { o: channel.offset, ep: channel.epoch } : channel._since
     const frame = { t: 'sub', ch: channel.name }
     if (since) frame.since = since
+    channel._live = false
     this._request(frame, (ok) => channel._confirmed(ok, resubscribed)).catch((error) => {
       if (!/connection lost/.test(error.message)) channel._emit('error', { error }, false)
     })
@@ -244,7 +253,7 @@ export class Realtime {
       }
     } else if (frame.t === 'gap') {
       const channel = this.channels.get(frame.ch)
-      if (channel) { channel.offset = frame.o; channel._emit('gap', { from: frame.o0, to: frame.o }, false) }
+      if (channel?._live) { channel.offset = frame.o; channel._emit('gap', { from: frame.o0, to: frame.o }, false) }
     } else if (frame.t === 'bye') {
       this._mayReconnect = Boolean(frame.reconnect)
     }
