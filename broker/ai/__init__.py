@@ -4,7 +4,7 @@
 offline source the quick start and the tests use.
 """
 
-from broker.ai.demo import DemoProvider, MarkovChain
+from broker.ai.demo import DemoProvider
 from broker.ai.providers import ChatMessage, Provider, ProviderError
 
-__all__ = ["ChatMessage", "DemoProvider", "MarkovChain", "Provider", "ProviderError"]
+__all__ = ["ChatMessage", "DemoProvider", "Provider", "ProviderError"]

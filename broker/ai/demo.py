@@ -23,8 +23,6 @@ as the next one starts with it. Tokens come ``tokens_per_second`` a second.
 
 from __future__ import annotations
 
-import random
-from collections import defaultdict
 from collections.abc import AsyncGenerator, Sequence
 from importlib import resources
 
@@ -77,7 +75,7 @@ class Book:
 class DemoProvider:
     """The offline demo model, ``tokens_per_second`` tokens a second (0: as fast as possible)."""
 
-    default_model = "demo-markov"
+    default_model = "tokenfan-demo"
 
     def __init__(self, *, tokens_per_second: float = 30.0, answer_tokens: int = 200, seed: int = 0,
                  text: str | None = None) -> None:
@@ -139,36 +137,3 @@ def _quote(question: str) -> str:
         words = [*words[:ECHO_WORDS - 1], words[ECHO_WORDS - 1].rstrip(",;:-") + "…"]
     return '"' + " ".join(words) + '"'
 
-
-class MarkovChain:
-    """Second-order word chain: which words followed each pair of words in the text.
-
-    The demo model no longer uses it (it reads its text in order, which a newcomer
-    can follow); it stays because :mod:`broker.ai` exports it.
-    """
-
-    _START = ("", "")
-
-    def __init__(self, text: str) -> None:
-        self._next: dict[tuple[str, str], list[str]] = defaultdict(list)
-        for line in text.splitlines():
-            previous = self._START
-            for word in line.split():
-                self._next[previous].append(word)
-                previous = (previous[1], word)
-        if not self._next[self._START]:
-            raise ValueError("the text has no words")
-
-    def generate(self, rng: random.Random, count: int) -> list[str]:
-        """``count`` words, restarting from the start of a line whenever the chain runs out."""
-        out: list[str] = []
-        state = self._START
-        while len(out) < count:
-            choices = self._next.get(state)
-            if not choices:
-                state = self._START
-                continue
-            word = rng.choice(choices)
-            out.append(word)
-            state = (state[1], word)
-        return out

@@ -50,7 +50,7 @@ async def test_two_watchers_see_the_same_answer_then_done(start_broker: StartBro
     expected = "".join(demo.answer([ChatMessage(role="user", content="Who is late?")], demo.answer_tokens))
     for events in seen:
         assert events[0].event == "ai:start"
-        assert events[0].data == {"model": "demo-markov", "prompt": "Who is late?"}
+        assert events[0].data == {"model": "tokenfan-demo", "prompt": "Who is late?"}
         assert answer_text(events) == expected
         assert events[-1].event == "ai:done"
         assert events[-1].data == {"reason": "stop", "tokens": demo.answer_tokens}

@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 
-from broker.ai import ChatMessage, DemoProvider, MarkovChain
+from broker.ai import ChatMessage, DemoProvider
 from broker.ai.demo import ECHO_WORDS, load_corpus
 
 QUESTION = [ChatMessage(role="user", content="Who is late?")]
@@ -105,7 +105,7 @@ async def test_cancelling_the_callers_scope_stops_it(autojump_clock: trio.testin
     provider = DemoProvider(tokens_per_second=10, answer_tokens=100)
     got: list[str] = []
     with trio.move_on_after(1.05):
-        async for token in provider.stream(QUESTION, model="demo-markov", max_tokens=100):
+        async for token in provider.stream(QUESTION, model="tokenfan-demo", max_tokens=100):
             got.append(token)
     assert len(got) == 10
 
@@ -125,5 +125,3 @@ def test_bad_settings_and_texts_are_refused() -> None:
         DemoProvider(answer_tokens=0)
     with pytest.raises(ValueError, match="no words"):
         DemoProvider(text="  \n\n ")
-    with pytest.raises(ValueError, match="no words"):
-        MarkovChain("  \n ")

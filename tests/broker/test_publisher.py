@@ -165,7 +165,7 @@ def test_every_method_sync(live: BrokerThread) -> None:
         page = publisher.history("ai-chat/m", since=1)
         assert [(e.offset, e.data) for e in page.publications] == [(3, {"token": "!"})]
         assert page.top == 3 and page.epoch == first.epoch
-        done = publisher.chat("s-wait", "Who is late?", model="demo-markov")
+        done = publisher.chat("s-wait", "Who is late?", model="tokenfan-demo")
         assert done.reason == "stop" and done.tokens
         assert publisher.chat("s-run", "Hello", wait=False).reason is None
         assert publisher.cancel("s-run") is True
