@@ -112,15 +112,16 @@ class Broker:
         """Like :meth:`emit`, returning the offset and the epoch it belongs to."""
         if validate:
             problem = (p.channel_problem(channel) or p.event_problem(event)
-                       or p.data_problem(data, self._data_limits) or self.persist_problem(channel, persist))
+                       or p.data_problem(data, self._data_limits, field="data")
+                       or self.persist_problem(channel, persist))
             if problem is not None:
                 raise EmitError(problem)
         if persist is None:
             persist = self.channel_options(channel).persist
         try:
             publication = self.hub.publish(channel, event, data, persist=persist)
-        except p.LocalProtocolError as exc:
-            raise EmitError(str(exc)) from None
+        except p.LocalProtocolError as exc:  # a value msgpack refuses, such as an int past 64 bits
+            raise EmitError(f"data cannot be encoded as msgpack: {exc.__cause__ or exc}") from None
         if event == "ai:cancel" and channel.startswith(CHANNEL_PREFIX):
             # Any watcher (or the app) may stop the answer streaming on an AI chat channel.
             self.ai.cancel(channel[len(CHANNEL_PREFIX):])

@@ -118,9 +118,13 @@ def encode_event(ch: str, ev: str, d: Any, o: int) -> bytes:
         raise LocalProtocolError(f"cannot encode ev frame: {exc}") from exc
 
 
-def data_problem(value: object, limits: Limits = CLIENT_LIMITS) -> str | None:
-    """Say what is wrong with a ``d`` value (types, map keys, nesting), or return None."""
-    return _check_data(value, limits)
+def data_problem(value: object, limits: Limits = CLIENT_LIMITS, *, field: str = "d") -> str | None:
+    """Say what is wrong with a ``d`` value (types, map keys, nesting), or return None.
+
+    The message calls the value ``field``: ``d`` as in frames; an API whose
+    callers write ``data`` passes ``field="data"``.
+    """
+    return _check_data(value, limits, field)
 
 
 def encode_batch(frames: Iterable[Frame]) -> bytes:
@@ -138,23 +142,23 @@ def _read_id(wire: dict[Any, Any]) -> int | None:
     return None
 
 
-def _check_data(value: object, limits: Limits) -> str | None:
+def _check_data(value: object, limits: Limits, field: str = "d") -> str | None:
     """Say what is wrong with a ``d`` value, or None. Iterative, so depth cannot blow the stack."""
     stack: list[tuple[object, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
         if isinstance(item, (list, dict)):
             if depth > limits.max_nesting:
-                return f"d is nested deeper than {limits.max_nesting} levels"
+                return f"{field} is nested deeper than {limits.max_nesting} levels"
             if isinstance(item, dict):
                 for key, child in item.items():
                     if not isinstance(key, str):
-                        return "map keys in d must be strings"
+                        return f"map keys in {field} must be strings"
                     stack.append((child, depth + 1))
             else:
                 stack.extend((child, depth + 1) for child in item)
         elif item is not None and not isinstance(item, (bool, int, float, str, bytes)):
-            return f"d holds an unsupported msgpack type ({type(item).__name__})"
+            return f"{field} holds an unsupported msgpack type ({type(item).__name__})"
     return None
 
 
