@@ -1,30 +1,93 @@
-"""The ``tokenfan`` command: ``serve``, ``emit`` and ``tail``."""
+"""The ``tokenfan`` command: ``serve``, ``emit``, ``tail`` and ``chat``.
+
+Every failure is reported on stderr as one line starting with ``tokenfan:``,
+never as a traceback (argparse's own errors add the command's usage line).
+Exit codes: 0 success, 1 runtime failure (broker unreachable, request refused,
+stream ended), 2 usage or configuration error, 130 interrupted (Ctrl-C).
+
+``tail`` waits for a broker that is not up yet: with reconnection on (the
+default) a failed first connection is retried with backoff, with a notice
+on stderr, instead of ending the command.
+"""
 
 from __future__ import annotations
 
 import argparse
+import http
+import http.client
+import importlib.metadata
 import json
 import logging
+import os
+import random
 import signal
+import socket
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import httpx
 import trio
+import trio_websocket
+import wsproto.utilities
 
-from broker.client import ClientError, Event, ServerClosed, State, StreamLost, Subscribed, connect
+from broker.ai.sessions import CHANNEL_PREFIX
+from broker.client import (
+    Client,
+    ClientError,
+    CommandError,
+    Event,
+    ServerClosed,
+    State,
+    StreamLost,
+    Subscribed,
+    connect,
+)
 from broker.config import ConfigError, load_config
 from broker.groups import first_leaf
 from broker.server import Broker
-from protocol import Position
+from protocol import Position, channel_problem, event_problem
 
 DEFAULT_HTTP_URL = "http://127.0.0.1:8765"
 DEFAULT_WS_URL = "ws://127.0.0.1:8765/ws"
+
+EXIT_OK = 0
+EXIT_FAILED = 1  #: a runtime failure: unreachable, refused, the stream ended
+EXIT_USAGE = 2  #: bad arguments or configuration (argparse uses 2 as well)
+EXIT_INTERRUPTED = 130  #: Ctrl-C, as shells report SIGINT
+
+EXIT_CODES_HELP = """\
+exit codes:
+  0    success
+  1    runtime failure: broker unreachable, request refused, stream ended
+  2    usage or configuration error (an invalid channel or event name included)
+  130  interrupted (Ctrl-C)"""
+
+#: Backoff between connection attempts (first wait, longest wait), as the client's reconnects.
+BACKOFF = (0.1, 5.0)
+
+
+class UsageError(Exception):
+    """An argument argparse let through is unusable; the message says which (exit code 2)."""
+
+
+class Failed(Exception):
+    """The command cannot go on; the message is the line to print (exit code 1)."""
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("tokenfan")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _json_default(value: object) -> object:
@@ -34,20 +97,107 @@ def _json_default(value: object) -> object:
 
 
 def _http_base(url: str) -> str:
-    """Accept ``http://host:port``, ``ws://host:port/ws`` and friends; return the HTTP base URL."""
+    """Accept ``http://host:port``, ``ws://host:port/ws`` and friends; return the HTTP base URL.
+
+    Raises:
+        UsageError: ``url`` is not an http(s) or ws(s) URL with a host.
+    """
     parts = urllib.parse.urlsplit(url)
     scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
     if scheme not in ("http", "https") or not parts.netloc:
-        raise SystemExit(f"tokenfan: --url must look like {DEFAULT_HTTP_URL}, got {url!r}")
+        raise UsageError(f"--url must look like {DEFAULT_HTTP_URL}, got {url!r}")
     return f"{scheme}://{parts.netloc}"
 
 
 def _ws_url(url: str) -> str:
+    """Accept ``ws://host:port/ws`` or ``http://host:port``; return the WebSocket URL.
+
+    Raises:
+        UsageError: ``url`` is not an http or ws URL with a host (the client speaks no TLS).
+    """
     parts = urllib.parse.urlsplit(url)
     scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
-    if scheme not in ("ws", "wss") or not parts.netloc:
-        raise SystemExit(f"tokenfan: --url must look like {DEFAULT_WS_URL}, got {url!r}")
+    if scheme == "wss":
+        raise UsageError(f"--url {url!r}: TLS (wss://, https://) is not supported; "
+                         "reach the broker with ws:// or http://")
+    if scheme != "ws" or not parts.netloc:
+        raise UsageError(f"--url must look like {DEFAULT_WS_URL}, got {url!r}")
     return f"{scheme}://{parts.netloc}{parts.path if parts.path not in ('', '/') else '/ws'}"
+
+
+# -- saying what went wrong ---------------------------------------------------------
+
+
+def _status(code: int) -> str:
+    try:
+        return f"{code} {http.HTTPStatus(code).phrase}"
+    except ValueError:
+        return str(code)
+
+
+def _refusal(url: str, code: int, body: bytes | None) -> str:
+    """An HTTP error answer in one line: the broker's ``error`` text, or that ``url`` is no broker."""
+    try:
+        answer = json.loads(body or b"")
+    except ValueError:
+        answer = None
+    if isinstance(answer, dict) and isinstance(answer.get("error"), str):
+        return f"{_status(code)}: {answer['error']}"
+    return f"{url} is not a tokenfan broker (it answered {_status(code)})"
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a connection attempt failed, in a few words (``Connection refused``, ``timed out``)."""
+    if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, BaseException):
+        exc = exc.reason
+    if isinstance(exc, (trio.TooSlowError, TimeoutError, httpx.TimeoutException)):
+        return "timed out"
+    if isinstance(exc, OSError) and isinstance(exc.__cause__, BaseExceptionGroup):
+        # trio.open_tcp_stream says "all attempts to connect to h:p failed", from the real errors.
+        exc = first_leaf(exc.__cause__)
+    if isinstance(exc, OSError) and not isinstance(exc, socket.gaierror) and exc.errno:
+        return os.strerror(exc.errno)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+#: What a broken connection or exchange raises inside ``tail`` and ``chat``.
+_FAILURES: tuple[type[Exception], ...] = (
+    Failed, ClientError, trio_websocket.HandshakeError, wsproto.utilities.LocalProtocolError,
+    OSError, trio.TooSlowError, trio.BrokenResourceError, httpx.HTTPError,
+)
+
+
+def _describe(exc: BaseException, url: str) -> str:
+    """One of :data:`_FAILURES` as the line to print after ``tokenfan: ``."""
+    if isinstance(exc, (Failed, ClientError)):
+        return str(exc)
+    if isinstance(exc, trio_websocket.ConnectionRejected):
+        return _refusal(url, exc.status_code, exc.body)
+    if isinstance(exc, (trio_websocket.HandshakeError, wsproto.utilities.LocalProtocolError)):
+        return f"{url} is not a tokenfan broker (no valid WebSocket handshake: {type(exc).__name__})"
+    return f"cannot reach {url}: {_reason(exc)}"
+
+
+def _run(async_fn: Callable[..., Awaitable[int]], *args: object, url: str) -> int:
+    """``trio.run(async_fn, *args)``; report a failure in one line and return the exit code.
+
+    The nurseries inside wrap failures in exception groups; any of them is
+    reported by its first leaf (the exit code is the same whichever it is).
+    Exceptions that are not :data:`_FAILURES` are bugs and keep their traceback.
+    """
+    code = EXIT_FAILED
+    failure: str | None = None
+    try:
+        code = trio.run(async_fn, *args)
+    except* KeyboardInterrupt:
+        code = EXIT_INTERRUPTED
+    except* _FAILURES as group:
+        failure = _describe(first_leaf(group), url)
+    if failure is not None and code != EXIT_INTERRUPTED:
+        _note(f"tokenfan: {failure}")
+    return code
 
 
 # -- serve -----------------------------------------------------------------------
@@ -68,8 +218,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, overrides={"host": args.host, "port": args.port})
     except ConfigError as exc:
-        print(f"tokenfan: configuration error: {exc}", file=sys.stderr)
-        return 2
+        _note(f"tokenfan: configuration error: {exc}")
+        return EXIT_USAGE
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     failure: OSError | None = None
     try:
@@ -77,104 +227,169 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except* OSError as group:  # raised by the listener inside the broker's nursery
         failure = first_leaf(group)
     if failure is not None:
-        print(f"tokenfan: cannot listen on {config.host}:{config.port}: {failure.strerror or failure}",
-              file=sys.stderr)
-        return 1
-    return 0
+        _note(f"tokenfan: cannot listen on {config.host}:{config.port}: {failure.strerror or failure}")
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 # -- emit ------------------------------------------------------------------------
 
 
 def cmd_emit(args: argparse.Namespace) -> int:
+    problem = channel_problem(args.channel) or event_problem(args.event)
+    if problem is not None:
+        raise UsageError(problem)
     try:
         data = json.loads(args.data)
     except json.JSONDecodeError as exc:
-        print(f"tokenfan: DATA is not valid JSON: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(f"DATA is not valid JSON: {exc}") from None
+    base = _http_base(args.url)
     body = json.dumps({"channel": args.channel, "event": args.event, "data": data}).encode()
-    request = urllib.request.Request(f"{_http_base(args.url)}/api/emit", data=body, method="POST",
+    request = urllib.request.Request(f"{base}/api/emit", data=body, method="POST",
                                      headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=args.timeout) as response:
             print(response.read().decode())
     except urllib.error.HTTPError as exc:
-        print(f"tokenfan: {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr)
-        return 1
+        _note(f"tokenfan: {_refusal(base, exc.code, exc.read())}")
+        return EXIT_FAILED
+    except http.client.HTTPException as exc:
+        _note(f"tokenfan: {base} is not a tokenfan broker (no valid HTTP answer: {type(exc).__name__})")
+        return EXIT_FAILED
     except (urllib.error.URLError, OSError) as exc:
-        print(f"tokenfan: cannot reach {args.url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
-        return 1
-    return 0
+        _note(f"tokenfan: cannot reach {base}: {_reason(exc)}")
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 # -- tail ------------------------------------------------------------------------
 
 
-def _print_event(event: Event, as_json: bool) -> None:
-    if as_json:
-        frame: dict[str, Any] = {"t": "ev", "ch": event.channel, "ev": event.event, "d": event.data,
-                                 "o": event.offset}
-        if event.first_offset != event.offset:
-            frame["o0"] = event.first_offset
-        print(json.dumps(frame, ensure_ascii=False, default=_json_default), flush=True)
-    elif event.event == "ai:token" and isinstance(event.data, dict) \
-            and isinstance(event.data.get("token"), str):
-        sys.stdout.write(event.data["token"])
-        sys.stdout.flush()
-    elif event.event in ("ai:done", "ai:error"):
-        print(f"\n[{event.event}] {json.dumps(event.data, default=_json_default)}", flush=True)
-    else:
-        print(f"[{event.event}] {json.dumps(event.data, ensure_ascii=False, default=_json_default)}",
-              flush=True)
+class _TailOutput:
+    """What ``tail`` prints: events on stdout, notices on stderr; repeated notices only once."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self._midline = False  # stdout ends with tokens and no newline
+        self._last_notice: str | None = None
+
+    def event(self, event: Event) -> None:
+        if self.as_json:
+            frame: dict[str, Any] = {"t": "ev", "ch": event.channel, "ev": event.event, "d": event.data,
+                                     "o": event.offset}
+            if event.first_offset != event.offset:
+                frame["o0"] = event.first_offset
+            print(json.dumps(frame, ensure_ascii=False, default=_json_default), flush=True)
+        elif event.event == "ai:token" and isinstance(event.data, dict) \
+                and isinstance(event.data.get("token"), str):
+            sys.stdout.write(event.data["token"])
+            sys.stdout.flush()
+            self._midline = True
+        else:
+            self.end_line()
+            print(f"[{event.event}] {json.dumps(event.data, ensure_ascii=False, default=_json_default)}",
+                  flush=True)
+
+    def end_line(self) -> None:
+        """End a line of tokens, so that what follows starts a line of its own."""
+        if self._midline:
+            print(flush=True)
+            self._midline = False
+
+    def notice(self, message: str) -> None:
+        """Print ``message`` to stderr unless it is the same as the last notice."""
+        if message != self._last_notice:
+            _note(message)
+        self._last_notice = message
+
+    def on_state(self, state: State, why: ServerClosed | None) -> None:
+        if state == "reconnecting":
+            self.notice(f"tokenfan: {why}; reconnecting")
+        elif state == "open":
+            self._last_notice = None
+
+    def on_subscribed(self, status: Subscribed) -> None:
+        verb = "resubscribed" if status.resubscribed else "subscribed"
+        recovery = ""
+        if status.resubscribed or status.recovered:
+            recovery = (", everything missed follows" if status.recovered
+                        else ", NOT recovered: events were missed")
+        self.notice(f"{verb} to {status.channel} after offset {status.offset} (epoch {status.epoch})"
+                    f"{recovery}")
 
 
-def _note(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+def _retry_delay(attempt: int) -> float:
+    low, high = BACKOFF
+    return min(high, low * 2.0 ** attempt) * random.uniform(0.5, 1.0)
 
 
-def _on_state(state: State, why: ServerClosed | None) -> None:
-    if state == "reconnecting":
-        _note(f"tokenfan: {why}; reconnecting")
+async def _follow(client: Client, channel: str, since: Position | None, out: _TailOutput) -> int:
+    """Subscribe to ``channel`` and print its events until the client stops for good.
 
-
-def _on_subscribed(status: Subscribed) -> None:
-    verb = "resubscribed" if status.resubscribed else "subscribed"
-    recovery = ""
-    if status.resubscribed or status.recovered:
-        recovery = (", everything missed follows" if status.recovered
-                    else ", NOT recovered: events were missed")
-    _note(f"{verb} to {status.channel} after offset {status.offset} (epoch {status.epoch}){recovery}")
-
-
-async def _tail(url: str, channel: str, as_json: bool, since: Position | None, reconnect: bool) -> None:
-    async with connect(url, reconnect=reconnect, on_state=_on_state) as client:
-        sub = client.channel(channel).on_subscribed(_on_subscribed)
+    Raises:
+        Failed: the broker refused the subscription.
+        ServerClosed: the connection ended and will not be reopened.
+    """
+    sub = client.channel(channel).on_subscribed(out.on_subscribed)
+    try:
         await sub.subscribe(since=since)
+    except CommandError as exc:
+        raise Failed(f"cannot subscribe to {channel}: {exc}") from None
+    while True:
+        try:
+            async for event in sub:
+                out.event(event)
+            return EXIT_OK
+        except StreamLost as lost:
+            out.end_line()
+            out.notice(f"tokenfan: {lost}")
+
+
+async def _tail(url: str, channel: str, since: Position | None, reconnect: bool, out: _TailOutput) -> int:
+    """Print ``channel``'s events until the stream ends for good; return the exit code.
+
+    With ``reconnect``, a broker that cannot be reached yet is waited for:
+    connection attempts repeat with backoff (stderr says so, once per
+    distinct reason) until one succeeds; after that the client reconnects by
+    itself. A server that answers but is not a broker ends the tail at once.
+
+    Raises:
+        Failed, ServerClosed, OSError, trio.TooSlowError, trio_websocket.HandshakeError:
+            as for :func:`_follow` and :func:`broker.client.connect` (for
+            ``connect``, only without ``reconnect``).
+    """
+    attempt = 0
+    try:
         while True:
+            connected = False
+            unreachable: BaseException | None = None
             try:
-                async for event in sub:
-                    _print_event(event, as_json)
-                return
-            except StreamLost as lost:
-                _note(f"tokenfan: {lost}")
+                async with connect(url, reconnect=reconnect, backoff=BACKOFF,
+                                   on_state=out.on_state) as client:
+                    connected = True
+                    return await _follow(client, channel, since, out)
+            except* (OSError, trio.TooSlowError) as group:
+                if connected or not reconnect:
+                    raise
+                unreachable = first_leaf(group)
+            assert unreachable is not None  # the body returned, or the except* clause raised
+            out.notice(f"tokenfan: cannot reach {url}: {_reason(unreachable)}; "
+                       "waiting for the broker (retrying with backoff)")
+            await trio.sleep(_retry_delay(attempt))
+            attempt += 1
+    finally:
+        out.end_line()
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
     if args.epoch is not None and args.since is None:
-        print("tokenfan: --epoch needs --since", file=sys.stderr)
-        return 2
+        raise UsageError("--epoch needs --since")
+    problem = channel_problem(args.channel)
+    if problem is not None:
+        raise UsageError(problem)
     since = None if args.since is None else Position(o=args.since, ep=args.epoch)
-    try:
-        trio.run(_tail, _ws_url(args.url), args.channel, args.json, since, not args.no_reconnect)
-    except KeyboardInterrupt:
-        return 130
-    except ClientError as exc:
-        print(f"\ntokenfan: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"tokenfan: cannot reach {args.url}: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    url = _ws_url(args.url)
+    return _run(_tail, url, args.channel, since, not args.no_reconnect, _TailOutput(args.json), url=url)
 
 
 def _offset(text: str) -> int:
@@ -186,24 +401,28 @@ def _offset(text: str) -> int:
 # -- chat ------------------------------------------------------------------------
 
 
-class ChatFailed(Exception):
-    """The answer ended in ai:error, or the broker refused the request."""
-
-
-async def _chat(base: str, message: str, session: str, provider: str | None, model: str | None) -> str:
-    """Watch ``ai-chat/{session}``, ask, print the answer as it streams; return ai:done's reason.
+async def _chat(base: str, ws_url: str, message: str, session: str, provider: str | None,
+                model: str | None) -> int:
+    """Watch ``ai-chat/{session}``, ask, print the answer as it streams; return the exit code.
 
     Ctrl-C asks the broker to cancel the answer (``POST /ai/cancel``); the
-    stream then ends with ``ai:done`` reason ``cancelled``.
+    stream then ends with ``ai:done`` reason ``cancelled`` (exit code 130).
+
+    Raises:
+        Failed: the broker refused the request, or the answer ended in ``ai:error``.
     """
-    channel = f"ai-chat/{session}"
+    channel = f"{CHANNEL_PREFIX}{session}"
     payload = {"message": message, "sessionId": session, "wait": False,
                **({"provider": provider} if provider else {}), **({"model": model} if model else {})}
-    async with connect(_ws_url(base)) as client, httpx.AsyncClient(base_url=base, timeout=10) as http:
-        sub = await client.subscribe(channel)  # listening before asking: no token is missed
+    async with connect(ws_url) as client, httpx.AsyncClient(base_url=base, timeout=10) as http:
+        try:
+            sub = await client.subscribe(channel)  # listening before asking: no token is missed
+        except CommandError as exc:
+            raise Failed(f"cannot subscribe to {channel}: {exc}") from None
         reply = await http.post("/ai/chat", json=payload)
         if reply.status_code != 202:
-            raise ChatFailed(f"{reply.status_code}: {reply.json().get('error', reply.text)}")
+            raise Failed(_refusal(base, reply.status_code, reply.content))
+        _note(f"session {session}: also watch it with tokenfan tail --since 0 {channel}")
         with trio.open_signal_receiver(signal.SIGINT) as interrupts:
             async with trio.open_nursery() as nursery:
 
@@ -220,47 +439,46 @@ async def _chat(base: str, message: str, session: str, provider: str | None, mod
                     elif event.event == "ai:done":
                         print(flush=True)
                         nursery.cancel_scope.cancel()
-                        return str(event.data.get("reason"))
+                        return _chat_ended(str(event.data.get("reason")))
                     elif event.event == "ai:error":
                         print(flush=True)
-                        raise ChatFailed(f"{event.data.get('code')}: {event.data.get('message')}")
-    raise ChatFailed("the connection ended before the answer did")
+                        raise Failed(f"{event.data.get('code')}: {event.data.get('message')}")
+    raise Failed("the connection ended before the answer did")
+
+
+def _chat_ended(reason: str) -> int:
+    if reason == "cancelled":
+        _note("tokenfan: cancelled")
+        return EXIT_INTERRUPTED
+    if reason != "stop":
+        _note(f"tokenfan: the answer ended: {reason}")
+    return EXIT_OK
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     session = args.session or uuid.uuid4().hex[:12]
-    _note(f"session {session}: also watch it with  tokenfan tail --since 0 ai-chat/{session}")
-    failure: Exception | None = None
-    reason = ""
-    try:
-        reason = trio.run(_chat, _http_base(args.url), args.message, session, args.provider, args.model)
-    except* ChatFailed as group:
-        failure = first_leaf(group)
-    except* (ClientError, httpx.HTTPError, OSError) as errors:
-        failure = ConnectionError(f"cannot chat through {args.url}: {first_leaf(errors)}")
-    if failure is not None:
-        _note(f"tokenfan: {failure}")
-        return 1
-    if reason == "cancelled":
-        _note("tokenfan: cancelled")
-        return 130
-    if reason != "stop":
-        _note(f"tokenfan: the answer ended: {reason}")
-    return 0
+    problem = channel_problem(CHANNEL_PREFIX + session)
+    if problem is not None:
+        raise UsageError(f"--session {session!r} makes a bad channel name: {problem}")
+    base = _http_base(args.url)
+    return _run(_chat, base, _ws_url(base), args.message, session, args.provider, args.model, url=base)
 
 
 # -- entry point -------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokenfan", description="Stream LLM tokens to many watchers.")
+    parser = argparse.ArgumentParser(prog="tokenfan", description="Stream LLM tokens to many watchers.",
+                                     epilog=EXIT_CODES_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"tokenfan {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the broker")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on; 0 picks a free one (default 8765)")
     serve.add_argument("--config", help="TOML configuration file")
-    serve.set_defaults(func=cmd_serve)
+    serve.set_defaults(func=cmd_serve, parser=serve)
 
     emit = commands.add_parser("emit", help="publish one event through the HTTP API")
     emit.add_argument("--url", default=DEFAULT_HTTP_URL, help=f"broker URL (default {DEFAULT_HTTP_URL})")
@@ -268,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     emit.add_argument("channel")
     emit.add_argument("event")
     emit.add_argument("data", help="event data as JSON, e.g. '{\"token\": \"hi\"}'")
-    emit.set_defaults(func=cmd_emit)
+    emit.set_defaults(func=cmd_emit, parser=emit)
 
     tail = commands.add_parser("tail", help="print a channel's events as they arrive")
     tail.add_argument("--url", default=DEFAULT_WS_URL, help=f"broker URL (default {DEFAULT_WS_URL})")
@@ -278,9 +496,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "without, whatever history holds after O (0: the stream so far)")
     tail.add_argument("--epoch", metavar="E", help="the epoch --since refers to")
     tail.add_argument("--no-reconnect", action="store_true",
-                      help="exit when the connection ends instead of reconnecting and recovering")
+                      help="exit when the first connection fails or the connection ends, instead of "
+                           "waiting for the broker, reconnecting and recovering")
     tail.add_argument("channel")
-    tail.set_defaults(func=cmd_tail)
+    tail.set_defaults(func=cmd_tail, parser=tail)
 
     chat = commands.add_parser("chat", help="ask the broker's AI path and print the answer as it streams")
     chat.add_argument("--url", default=DEFAULT_HTTP_URL, help=f"broker URL (default {DEFAULT_HTTP_URL})")
@@ -288,13 +507,26 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--provider", help="token source (default: the broker's ai_provider)")
     chat.add_argument("--model", help="model (default: the provider's)")
     chat.add_argument("message")
-    chat.set_defaults(func=cmd_chat)
+    chat.set_defaults(func=cmd_chat, parser=chat)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    result: int = args.func(args)
+    """Run one ``tokenfan`` command; return its exit code (see the module docstring)."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(arguments)
+    if unknown:
+        # argparse hands a command's unrecognised arguments up to the top level, which would
+        # show the top level's usage: let the command's own parser report them first.
+        command: argparse.ArgumentParser = args.parser
+        command.parse_args(arguments[arguments.index(args.command) + 1:])
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:
+        result: int = args.func(args)
+    except UsageError as exc:
+        _note(f"tokenfan: {exc}")
+        return EXIT_USAGE
     return result
 
 
