@@ -111,7 +111,7 @@ def parse_event(broker: Broker, item: object, where: str) -> tuple[str, str, Any
         if key not in item:
             raise ApiError(400, f"{where} is missing {key!r}")
     channel, event, data, persist = item["channel"], item["event"], item.get("data"), item.get("persist")
-    problem = (channel_problem(channel) or event_problem(event) or data_problem(data)
+    problem = (channel_problem(channel) or event_problem(event) or data_problem(data, field="data")
                or broker.persist_problem(channel, persist))
     if problem is not None:
         raise ApiError(400, f"{where}: {problem}")
