@@ -54,6 +54,8 @@ from protocol import Position, channel_problem, event_problem
 
 DEFAULT_HTTP_URL = "http://127.0.0.1:8765"
 DEFAULT_WS_URL = "ws://127.0.0.1:8765/ws"
+#: The broker ``emit``, ``tail`` and ``chat`` talk to when ``--url`` is not given (either form).
+URL_ENV = "TOKENFAN_URL"
 
 EXIT_OK = 0
 EXIT_FAILED = 1  #: a runtime failure: unreachable, refused, the stream ended
@@ -481,7 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve, parser=serve)
 
     emit = commands.add_parser("emit", help="publish one event through the HTTP API")
-    emit.add_argument("--url", default=DEFAULT_HTTP_URL, help=f"broker URL (default {DEFAULT_HTTP_URL})")
+    emit.add_argument("--url", default=os.environ.get(URL_ENV) or DEFAULT_HTTP_URL,
+                       help=f"broker URL (default ${URL_ENV} or {DEFAULT_HTTP_URL})")
     emit.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
     emit.add_argument("channel")
     emit.add_argument("event")
@@ -489,7 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     emit.set_defaults(func=cmd_emit, parser=emit)
 
     tail = commands.add_parser("tail", help="print a channel's events as they arrive")
-    tail.add_argument("--url", default=DEFAULT_WS_URL, help=f"broker URL (default {DEFAULT_WS_URL})")
+    tail.add_argument("--url", default=os.environ.get(URL_ENV) or DEFAULT_WS_URL,
+                       help=f"broker URL (default ${URL_ENV} or {DEFAULT_WS_URL})")
     tail.add_argument("--json", action="store_true", help="print one JSON frame per line")
     tail.add_argument("--since", type=_offset, metavar="O",
                       help="start after offset O: with --epoch, recover exactly from there; "
@@ -502,7 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     tail.set_defaults(func=cmd_tail, parser=tail)
 
     chat = commands.add_parser("chat", help="ask the broker's AI path and print the answer as it streams")
-    chat.add_argument("--url", default=DEFAULT_HTTP_URL, help=f"broker URL (default {DEFAULT_HTTP_URL})")
+    chat.add_argument("--url", default=os.environ.get(URL_ENV) or DEFAULT_HTTP_URL,
+                       help=f"broker URL (default ${URL_ENV} or {DEFAULT_HTTP_URL})")
     chat.add_argument("--session", help="session id: the answer streams to ai-chat/SESSION (default: new)")
     chat.add_argument("--provider", help="token source (default: the broker's ai_provider)")
     chat.add_argument("--model", help="model (default: the provider's)")

@@ -93,6 +93,26 @@ def _parse_str(value: object, name: str) -> str:
     raise ConfigError(f"{name}: expected a string, got {value!r}")
 
 
+def _parse_host_list(value: object, name: str) -> tuple[str, ...]:
+    """A list of host names: a TOML list, or a comma-separated string (for the environment)."""
+    if isinstance(value, str):
+        items: list[object] = [item.strip() for item in value.split(",") if item.strip()]
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise ConfigError(f"{name}: expected a list of host names, got {value!r}")
+    hosts = []
+    for item in items:
+        if not isinstance(item, str) or not _HOST_NAME.fullmatch(item):
+            raise ConfigError(f"{name}: {item!r} is not a host name (e.g. \"chat.example.com\", "
+                              "\"10.0.0.5\", \"[::1]\", \"*.example.com\" or \"*\")")
+        hosts.append(item.lower())
+    return tuple(hosts)
+
+
+_HOST_NAME = re.compile(r"\*|(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\]")
+
+
 class SlowPolicy(enum.Enum):
     """What happens to a subscriber whose send buffer stays full after coalescing."""
 
@@ -213,6 +233,9 @@ class Config:
     shutdown_timeout: float = 5.0
     batching: bool = True
     history_max_bytes: int = 256 * 1024 * 1024
+    allowed_hosts: tuple[str, ...] = ()
+    max_client_data: int = 4096
+    client_publish_rate: float = 10.0
     ai_provider: str = "demo"
     ai_max_generations: int = 100
     ai_time_limit: float = 120.0
@@ -253,6 +276,11 @@ class Config:
         if not 0 < self.ai_demo_tokens_per_second <= 100_000:
             raise ConfigError("ai_demo_tokens_per_second: must be above 0 and at most 100000, "
                               f"got {self.ai_demo_tokens_per_second}")
+        if self.max_client_data < 0:
+            raise ConfigError(f"max_client_data: must not be negative, got {self.max_client_data}")
+        if not 0 < self.client_publish_rate <= 100_000:
+            raise ConfigError("client_publish_rate: must be above 0 and at most 100000 per second, "
+                              f"got {self.client_publish_rate}")
         if self.history_max_bytes < 0:
             raise ConfigError(f"history_max_bytes: must not be negative, got {self.history_max_bytes}")
         for name in ("handshake_timeout", "idle_timeout", "ping_interval", "shutdown_timeout"):
@@ -276,7 +304,8 @@ _PARSERS: dict[str, Any] = {
     "max_body_size": parse_size, "max_batch_events": _parse_int,
     "handshake_timeout": parse_duration, "idle_timeout": parse_duration,
     "ping_interval": parse_duration, "shutdown_timeout": parse_duration, "batching": _parse_bool,
-    "history_max_bytes": parse_size,
+    "history_max_bytes": parse_size, "allowed_hosts": _parse_host_list, "max_client_data": parse_size,
+    "client_publish_rate": _parse_float,
     "ai_provider": _parse_str, "ai_max_generations": _parse_int, "ai_time_limit": parse_duration,
     "ai_max_tokens": _parse_int, "ai_demo_tokens_per_second": _parse_float, "ai_rollup": parse_duration,
     "ai_timestamps": _parse_bool,
@@ -286,6 +315,8 @@ _PARSERS: dict[str, Any] = {
 #: The conventional variables of OpenAI's own tools, read when the options are not set.
 CONVENTIONAL_ENV = {"OPENAI_BASE_URL": "openai_base_url", "OPENAI_API_KEY": "openai_api_key"}
 ENV_PREFIX = "TOKENFAN_"
+#: ``TOKENFAN_*`` variables of the client commands (``tokenfan tail`` etc.), not options of the broker.
+CLIENT_ENV = frozenset({"TOKENFAN_URL"})
 
 
 def _apply(values: dict[str, Any], raw: Mapping[str, object], source: str) -> None:
@@ -327,7 +358,7 @@ def load_config(
         _apply(values, raw, f"file {path}")
     environ = os.environ if env is None else env
     for name, value in environ.items():
-        if name.startswith(ENV_PREFIX):
+        if name.startswith(ENV_PREFIX) and name not in CLIENT_ENV:
             key = name[len(ENV_PREFIX):].lower()
             if key not in _PARSERS:
                 raise ConfigError(f"unknown environment variable {name}; "

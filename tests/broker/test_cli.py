@@ -399,3 +399,17 @@ async def test_emit_error_names_data_as_the_caller_wrote_it(broker: Broker) -> N
         with pytest.raises(EmitError) as raised:
             broker.emit("ai-chat/x", "ev", data)
         assert str(raised.value) == message
+
+
+async def test_tokenfan_url_names_the_broker_for_the_client_commands(
+        broker: Broker, closed_port: int) -> None:
+    env = {**os.environ, "TOKENFAN_URL": f"http://127.0.0.1:{broker.port}"}
+    result = await run("emit", "news", "x", "{}", env=env)
+    assert result.returncode == 0 and json.loads(result.stdout)["offset"] == 1
+    # --url still wins over the environment.
+    result = await run("emit", "--url", f"http://127.0.0.1:{closed_port}", "news", "x", "{}", env=env)
+    assert result.returncode == 1 and str(closed_port) in stderr_lines(result.stderr)[0]
+    # The broker itself does not take TOKENFAN_URL for one of its options.
+    env["TOKENFAN_PORT"] = "not-a-port"
+    result = await run("serve", env=env)
+    assert result.returncode == 2 and "TOKENFAN_PORT" in stderr_lines(result.stderr)[0]
