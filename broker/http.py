@@ -90,8 +90,15 @@ def parse_json(body: bytes) -> Any:
 
 
 def parse_body(head: RequestHead, body: bytes) -> Any:
-    """Decode a request body by its Content-Type (JSON when absent)."""
-    content_type = head.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    """Decode a request body by its Content-Type, which must be given.
+
+    A body without one is refused (415) rather than read as JSON: a page on any
+    site can send a "simple" cross-origin POST with no Content-Type and no
+    preflight, but not one with ``application/json``.
+    """
+    if "content-type" not in head.headers:
+        raise ApiError(415, "Content-Type is required: send application/json (or application/msgpack)")
+    content_type = head.headers["content-type"].split(";")[0].strip().lower()
     if content_type in ("application/json", "text/json"):
         return parse_json(body)
     if content_type in ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack"):
@@ -426,6 +433,10 @@ async def _serve(broker: Broker, conn: _Connection) -> Upgrade | None:
             if request is None:
                 return None
             head = request.head
+            host = head.headers.get("host")
+            problem = broker.hosts.problem(host, http10=head.http10)
+            if problem is not None:
+                raise HttpError(400 if host is None else 421, problem)
             if head.is_websocket_upgrade:
                 if head.path != "/ws":
                     raise HttpError(404, f"WebSocket endpoint is /ws, not {head.path[:200]!r}")

@@ -38,7 +38,8 @@ _MAX_HEADERS = 100
 REASONS = {
     100: "Continue", 101: "Switching Protocols", 200: "OK", 202: "Accepted", 400: "Bad Request",
     404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
-    413: "Content Too Large", 415: "Unsupported Media Type", 426: "Upgrade Required",
+    413: "Content Too Large", 415: "Unsupported Media Type", 421: "Misdirected Request",
+    426: "Upgrade Required",
     429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
     501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
 }

@@ -37,6 +37,7 @@ from broker.ai.sessions import CHANNEL_PREFIX, AiService
 from broker.backlog import Backlog, BacklogStatistics
 from broker.config import ChannelOptions, Config
 from broker.history import EngineStatistics, MemoryEngine
+from broker.hosts import HostPolicy
 from broker.http import serve_http
 from broker.hub import Hub, HubStatistics, Publication
 from broker.ws import WsConnection
@@ -88,6 +89,7 @@ class Broker:
         self._shutdown = trio.Event()
         self._drained = trio.Event()  # set when shutting down and the last connection has ended
         self._data_limits = p.Limits(max_frame_size=self.config.max_body_size)
+        self.hosts = HostPolicy.from_config(self.config)
 
     # -- emitting ------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ def test_pipelined_requests_on_a_connection_that_never_reads_hold_one_answer(
         _post(served.port, "/api/emit/batch", {"events": [
             {"channel": "ai-chat/big", "event": "ai:token", "data": {"token": token}}] * 100})
     before = served.status("VmRSS")
-    request = b"GET /api/history?channel=ai-chat/big&limit=10000 HTTP/1.1\r\nHost: x\r\n\r\n"
+    request = b"GET /api/history?channel=ai-chat/big&limit=10000 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     attacker = socket.create_connection(("127.0.0.1", served.port))
     try:
         attacker.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

@@ -42,10 +42,10 @@ def exchange(port: int, data: bytes, *, timeout: float = 5.0) -> bytes:
         return bytes(received)
 
 
-def answers(raw: bytes, *, head: bool = False) -> list[tuple[int, dict[str, object] | None]]:
+def answers(raw: bytes, *, to_head: bool = False) -> list[tuple[int, dict[str, object] | None]]:
     """The statuses (and JSON bodies) of the responses in ``raw``; fails on anything malformed.
 
-    ``head``: the requests were HEAD, so a 2xx answer has a Content-Length and no body.
+    ``to_head``: the requests were HEAD, so a 2xx answer has a Content-Length and no body.
     """
     found = []
     rest = raw
@@ -56,7 +56,7 @@ def answers(raw: bytes, *, head: bool = False) -> list[tuple[int, dict[str, obje
         length_match = re.search(rb"\r\nContent-Length: (\d+)", head)
         assert length_match, head
         status = int(match.group(1))
-        length = 0 if head and status < 300 else int(length_match.group(1))
+        length = 0 if to_head and status < 300 else int(length_match.group(1))
         body, rest = rest[:length], rest[length:]
         assert len(body) == length, "truncated body"
         parsed = json.loads(body) if b"application/json" in head and body else None
@@ -131,5 +131,33 @@ def test_any_request_gets_well_formed_answers(served: ServedBroker, method: str,
     # A WebSocket handshake that succeeded answers 101 and speaks WebSocket after it.
     if raw.startswith(b"HTTP/1.1 101 "):
         return
-    for status, _ in answers(raw, head=garbage is None and method == "HEAD"):
+    for status, _ in answers(raw, to_head=garbage is None and method == "HEAD"):
         assert 200 <= status < 500 or status == 501, status
+
+
+def test_cross_site_requests_and_rebound_names_are_refused(served: ServedBroker) -> None:
+    """Finding 11: a JSON route needs its Content-Type; every request must name a host the broker serves."""
+    emit = b'{"channel": "news", "event": "x", "data": {}}'
+    no_type = (b"POST /api/emit HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n"
+               b"Connection: close\r\n\r\n" % len(emit)) + emit
+    assert one_answer(served.port, no_type) == (415, "Content-Type is required: send application/json "
+                                                     "(or application/msgpack)")
+    text_plain = request("POST", "/api/emit", emit, content_type="text/plain")
+    assert one_answer(served.port, text_plain)[0] == 415
+    for host in (b"attacker.example:8765", b"localhost.attacker.example"):
+        for head in (b"GET /healthz HTTP/1.1\r\n",
+                     b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"):
+            status, error = one_answer(served.port, head + b"Host: " + host + b"\r\n\r\n")
+            assert status == 421 and "allowed_hosts" in error, (host, error)
+    assert one_answer(served.port, b"GET /healthz HTTP/1.1\r\n\r\n")[0] == 400  # HTTP/1.1 needs a Host
+    loopback = b"GET /healthz HTTP/1.1\r\nHost: localhost:1\r\nConnection: close\r\n\r\n"
+    assert one_answer(served.port, loopback)[0] == 200
+
+
+def test_allowed_hosts_names_the_hosts_served(hostile_broker: StartHostile) -> None:
+    served = hostile_broker(allowed_hosts="chat.example.com,*.corp.example")
+    ask = b"GET /healthz HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
+    assert one_answer(served.port, ask % b"chat.example.com")[0] == 200
+    assert one_answer(served.port, ask % b"eu.corp.example:443")[0] == 200
+    assert one_answer(served.port, ask % b"127.0.0.1")[0] == 421

@@ -150,7 +150,7 @@ def _complete(data: bytes) -> bool:
 
 
 def post(path: str, body: bytes, content_type: str = "application/json") -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
@@ -198,10 +198,10 @@ async def test_http_errors_name_the_problem(start_broker: StartBroker) -> None:
          "unsupported Content-Type"),
         (post("/api/emit", b"x" * 2000), 413, "over the 1024-byte limit"),
         (post("/api/emit/batch", b'{"events": 3}'), 400, "list 'events'"),
-        (b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n", 404, "no such path '/nowhere'"),
-        (b"GET /api/emit HTTP/1.1\r\nHost: x\r\n\r\n", 405, "accepts POST, not GET"),
-        (b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n", 426, "WebSocket only"),
-        (b"GET /other HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", 404,
+        (b"GET /nowhere HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 404, "no such path '/nowhere'"),
+        (b"GET /api/emit HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 405, "accepts POST, not GET"),
+        (b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 426, "WebSocket only"),
+        (b"GET /other HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", 404,
          "endpoint is /ws"),
     ]
     for raw, status, fragment in cases:
@@ -229,7 +229,7 @@ async def test_http_garbage_gets_400_and_the_broker_serves_on(broker: Broker) ->
                     b"GET / HTTP/1.1\r\nBad Header\r\n\r\n"):
         status, _, _ = await http(broker, garbage)
         assert status == 400
-    status, reply = await http_json(broker, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, reply = await http_json(broker, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     assert status == 200 and reply["ok"] is True
     await still_serving(broker)
 
@@ -238,7 +238,7 @@ async def test_healthz_counts(broker: Broker) -> None:
     async with connect(ws_url(broker)) as client:
         await client.subscribe("x")
         await client.subscribe("y")
-        status, reply = await http_json(broker, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, reply = await http_json(broker, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     assert status == 200
     assert (reply["connections"], reply["channels"], reply["subscriptions"]) == (1, 2, 2)
 
@@ -262,7 +262,7 @@ async def test_chunked_emit_with_expect_continue(broker: Broker) -> None:
     stream = await trio.open_tcp_stream("127.0.0.1", broker.port or 0)
     async with stream, connect(ws_url(broker)) as client:
         sub = await client.subscribe("ai-chat/c")
-        await stream.send_all(b"POST /api/emit HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        await stream.send_all(b"POST /api/emit HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                               b"Transfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n")
         with trio.fail_after(5):
             interim = await stream.receive_some(1000)
@@ -279,7 +279,7 @@ async def test_chunked_emit_with_expect_continue(broker: Broker) -> None:
 async def test_head_request_gets_headers_only(broker: Broker) -> None:
     stream = await trio.open_tcp_stream("127.0.0.1", broker.port or 0)
     async with stream:
-        await stream.send_all(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        await stream.send_all(b"HEAD /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         data = b""
         with trio.fail_after(5):
             while chunk := await stream.receive_some(1000):
@@ -289,7 +289,7 @@ async def test_head_request_gets_headers_only(broker: Broker) -> None:
 
 
 async def test_bad_websocket_handshakes_get_400(broker: Broker) -> None:
-    base = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+    base = "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
     key = "Sec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==\r\n"
     cases = [
         (base + "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n", "Sec-WebSocket-Key must be"),
@@ -310,7 +310,7 @@ async def test_slow_request_gets_408(start_broker: StartBroker,
     broker = await start_broker(handshake_timeout=10)
     stream = await trio.open_tcp_stream("127.0.0.1", broker.port or 0)
     async with stream:
-        await stream.send_all(b"POST /api/emit HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{")
+        await stream.send_all(b"POST /api/emit HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 50\r\n\r\n{")
         started = trio.current_time()
         data = b""
         while chunk := await stream.receive_some(1000):
@@ -324,7 +324,7 @@ async def test_idle_keep_alive_connection_is_closed_quietly(start_broker: StartB
     broker = await start_broker(handshake_timeout=10)
     stream = await trio.open_tcp_stream("127.0.0.1", broker.port or 0)
     async with stream:
-        await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         data = b""
         while chunk := await stream.receive_some(1000):
             data += chunk

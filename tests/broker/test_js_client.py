@@ -27,7 +27,7 @@ async def test_the_broker_serves_the_client_and_its_imports(broker: Broker) -> N
     async with stream:
         for path in ("/tokenfan.js", "/tokenfan.d.ts", "/vendor/msgpack/index.mjs",
                      "/vendor/msgpack/utils/int.mjs"):
-            await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
             data = b""
             while b"\r\n\r\n" not in data:
                 data += await stream.receive_some(65536)
@@ -40,5 +40,5 @@ async def test_the_broker_serves_the_client_and_its_imports(broker: Broker) -> N
             assert body == local.read_bytes()
             if path.endswith(("js", "mjs")):
                 assert b"Content-Type: text/javascript" in head
-        await stream.send_all(b"GET /vendor/msgpack/../../http.py HTTP/1.1\r\nHost: x\r\n\r\n")
+        await stream.send_all(b"GET /vendor/msgpack/../../http.py HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert b"404" in (await stream.receive_some(65536)).split(b"\r\n")[0]
