@@ -118,13 +118,17 @@ class Broker:
                        or self.persist_problem(channel, persist))
             if problem is not None:
                 raise EmitError(problem)
+        is_cancel = event == "ai:cancel" and channel.startswith(CHANNEL_PREFIX)
+        if is_cancel:
+            # A command, not content: watchers see that a stop was asked, history keeps nothing.
+            data, persist = {}, False
         if persist is None:
             persist = self.channel_options(channel).persist
         try:
             publication = self.hub.publish(channel, event, data, persist=persist)
         except p.LocalProtocolError as exc:  # a value msgpack refuses, such as an int past 64 bits
             raise EmitError(f"data cannot be encoded as msgpack: {exc.__cause__ or exc}") from None
-        if event == "ai:cancel" and channel.startswith(CHANNEL_PREFIX):
+        if is_cancel:
             # Any watcher (or the app) may stop the answer streaming on an AI chat channel.
             self.ai.cancel(channel[len(CHANNEL_PREFIX):])
         return publication

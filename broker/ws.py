@@ -23,6 +23,7 @@ import binascii
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import msgpack
 import trio
 import wsproto
 import wsproto.connection
@@ -95,8 +96,8 @@ class WsConnection:
     heartbeat task pings every connection and enforces the idle timeout.
     """
 
-    __slots__ = ("_last_heard", "_message", "_writer_scope", "broker", "close_code", "decoder",
-                 "fd", "frames_received", "outbox", "stream", "subscriptions", "ws")
+    __slots__ = ("_last_heard", "_message", "_pub_allowance", "_pub_checked", "_writer_scope", "broker",
+                 "close_code", "decoder", "fd", "frames_received", "outbox", "stream", "subscriptions", "ws")
 
     def __init__(self, broker: Broker, stream: trio.SocketStream) -> None:
         self.broker = broker
@@ -117,6 +118,9 @@ class WsConnection:
         self._last_heard = trio.current_time()
         self._writer_scope = trio.CancelScope()
         self.close_code: p.Code | None = None
+        # Token bucket for client publications: client_publish_rate a second, bursts of as many.
+        self._pub_allowance = config.client_publish_rate
+        self._pub_checked = trio.current_time()
 
     def statistics(self) -> ConnectionStatistics:
         return ConnectionStatistics(subscriptions=len(self.subscriptions),
@@ -290,9 +294,10 @@ class WsConnection:
             broker.hub.unsubscribe(frame.ch, self.outbox)
             self.reply(p.Ok(id=frame.id))
         elif isinstance(frame, p.Pub):
-            if not broker.channel_options(frame.ch).allows_client_event(frame.ev):
-                self.reply_urgent(p.Err(id=frame.id, code=p.Code.NOT_ALLOWED,
-                                        msg=f"clients may not publish {frame.ev} on {frame.ch}"))
+            problem = self._pub_problem(frame)
+            if problem is not None:
+                code, msg = problem
+                self.reply_urgent(p.Err(id=frame.id, code=code, msg=msg))
                 return
             pub = broker.publish(frame.ch, frame.ev, frame.d)
             self.reply_urgent(p.Ok(id=frame.id, o=pub.offset, ep=pub.epoch))
@@ -302,6 +307,30 @@ class WsConnection:
             self.reply_urgent(p.Ok(id=frame.id, server=SERVER_NAME))
         else:  # pragma: no cover
             raise AssertionError(f"unhandled client frame {frame!r}")
+
+    def _pub_problem(self, frame: p.Pub) -> tuple[p.Code, str] | None:
+        """Why a client's ``pub`` may not be published (channel rule, size, rate), or None.
+
+        A client's publications land in a channel's history and in every
+        watcher's send buffer, so each is bounded in size and in rate per
+        connection: one client cannot fill the history everyone shares.
+        """
+        config = self.broker.config
+        if not self.broker.channel_options(frame.ch).allows_client_event(frame.ev):
+            return p.Code.NOT_ALLOWED, f"clients may not publish {frame.ev} on {frame.ch}"
+        now = trio.current_time()
+        rate = config.client_publish_rate
+        self._pub_allowance = min(rate, self._pub_allowance + (now - self._pub_checked) * rate)
+        self._pub_checked = now
+        if self._pub_allowance < 1:
+            return p.Code.RATE_LIMITED, (f"more than {rate:g} publications a second from this connection "
+                                         "(client_publish_rate); retry later")
+        self._pub_allowance -= 1
+        size = len(msgpack.packb(frame.d))
+        if size > config.max_client_data:
+            return p.Code.FRAME_TOO_LARGE, (f"d of a client publication is {size} bytes; the limit is "
+                                            f"{config.max_client_data} (max_client_data)")
+        return None
 
     def _subscribe(self, frame: p.Sub) -> None:
         """Join the channel, then send ``ok`` and any replay in one offer, before anything live."""

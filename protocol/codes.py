@@ -40,6 +40,8 @@ class Code(IntEnum):
     UNAUTHORIZED = 4009
     #: The server failed to handle a valid command.
     INTERNAL_ERROR = 4010
+    #: The client sends this command faster than the server allows; retry it later.
+    RATE_LIMITED = 4011
 
     #: The server is shutting down; reconnect (to another instance) and recover.
     SHUTTING_DOWN = 4100

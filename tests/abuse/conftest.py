@@ -19,6 +19,9 @@ from pathlib import Path
 
 import pytest
 
+# The in-process broker fixtures (start_broker, broker, open_raw) serve here too.
+from tests.broker.conftest import broker, open_raw, start_broker  # noqa: F401
+
 
 @dataclass
 class ServedBroker:
