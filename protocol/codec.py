@@ -25,6 +25,7 @@ the next frame.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Iterator
 from enum import Enum
 from typing import Any, Final
@@ -142,8 +143,28 @@ def _read_id(wire: dict[Any, Any]) -> int | None:
     return None
 
 
+#: The integers msgpack can carry.
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+
+
+def _string_problem(text: str, field: str) -> str | None:
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{field} holds a string that is not valid Unicode (a lone surrogate such as \\ud800)"
+    return None
+
+
 def _check_data(value: object, limits: Limits, field: str = "d") -> str | None:
-    """Say what is wrong with a ``d`` value, or None. Iterative, so depth cannot blow the stack."""
+    """Say what is wrong with a ``d`` value, or None. Iterative, so depth cannot blow the stack.
+
+    Everything msgpack would refuse to encode is caught here (so a batch that
+    passes can be published whole), and so are NaN and the infinities, which
+    msgpack carries but JSON (the HTTP API's history, browsers' JSON.parse of
+    it) cannot.
+    """
     stack: list[tuple[object, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
@@ -154,10 +175,25 @@ def _check_data(value: object, limits: Limits, field: str = "d") -> str | None:
                 for key, child in item.items():
                     if not isinstance(key, str):
                         return f"map keys in {field} must be strings"
+                    problem = _string_problem(key, field)
+                    if problem is not None:
+                        return problem
                     stack.append((child, depth + 1))
             else:
                 stack.extend((child, depth + 1) for child in item)
-        elif item is not None and not isinstance(item, (bool, int, float, str, bytes)):
+        elif isinstance(item, str):
+            problem = _string_problem(item, field)
+            if problem is not None:
+                return problem
+        elif item is None or isinstance(item, (bool, bytes)):
+            continue
+        elif isinstance(item, int):
+            if not _INT_MIN <= item <= _INT_MAX:
+                return f"{field} holds an integer outside msgpack's range (-2**63 to 2**64-1)"
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                return f"{field} holds {item!r}: NaN and infinities are refused (JSON cannot carry them)"
+        else:
             return f"{field} holds an unsupported msgpack type ({type(item).__name__})"
     return None
 
