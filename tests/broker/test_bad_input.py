@@ -262,8 +262,9 @@ async def test_chunked_emit_with_expect_continue(broker: Broker) -> None:
     stream = await trio.open_tcp_stream("127.0.0.1", broker.port or 0)
     async with stream, connect(ws_url(broker)) as client:
         sub = await client.subscribe("ai-chat/c")
-        await stream.send_all(b"POST /api/emit HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                              b"Transfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n")
+        await stream.send_all(b"POST /api/emit HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                              b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+                              b"Expect: 100-continue\r\n\r\n")
         with trio.fail_after(5):
             interim = await stream.receive_some(1000)
             assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
