@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml
 	    echo "tokenfan needs Python's venv module: install it, e.g. 'sudo apt-get install python3-venv'" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,bench]'
+	@# setuptools prints a notice box on every editable install of a flat layout; it tells us nothing.
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -e '.[test,bench]'
 	touch $(STAMP)
 
 run: install
