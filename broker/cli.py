@@ -35,6 +35,7 @@ import trio
 import trio_websocket
 import wsproto.utilities
 
+from broker.admission import raise_descriptor_limit
 from broker.ai.sessions import CHANNEL_PREFIX
 from broker.client import (
     Client,
@@ -223,6 +224,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _note(f"tokenfan: configuration error: {exc}")
         return EXIT_USAGE
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    before, after = raise_descriptor_limit()
+    if after != before:
+        logging.getLogger("tokenfan").info("open files limit raised from %d to %d (the hard limit)",
+                                           before, after)
     failure: OSError | None = None
     try:
         trio.run(_serve, Broker(config))

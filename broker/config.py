@@ -222,6 +222,8 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 8765
     max_connections: int = 50_000
+    max_http_connections: int = 8192
+    max_http_connections_per_ip: int = 1024
     max_subscriptions: int = 256
     outbox_limit: int = 1024 * 1024
     max_frame_size: int = 64 * 1024
@@ -254,7 +256,8 @@ class Config:
             raise ConfigError(f"port: must be between 0 and 65535, got {self.port}")
         if not self.host:
             raise ConfigError("host: must not be empty")
-        for name in ("max_connections", "max_subscriptions", "max_batch_events"):
+        for name in ("max_connections", "max_subscriptions", "max_batch_events", "max_http_connections",
+                     "max_http_connections_per_ip"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
         for name, low in (("outbox_limit", 4096), ("max_frame_size", 256), ("max_body_size", 256)):
@@ -300,6 +303,7 @@ class Config:
 
 _PARSERS: dict[str, Any] = {
     "host": _parse_str, "port": _parse_int, "max_connections": _parse_int,
+    "max_http_connections": _parse_int, "max_http_connections_per_ip": _parse_int,
     "max_subscriptions": _parse_int, "outbox_limit": parse_size, "max_frame_size": parse_size,
     "max_body_size": parse_size, "max_batch_events": _parse_int,
     "handshake_timeout": parse_duration, "idle_timeout": parse_duration,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -33,12 +34,13 @@ from typing import Any
 import trio
 
 import protocol as p
+from broker.admission import HttpPhaseGate
 from broker.ai.sessions import CHANNEL_PREFIX, AiService
 from broker.backlog import Backlog, BacklogStatistics
 from broker.config import ChannelOptions, Config
 from broker.history import EngineStatistics, MemoryEngine
 from broker.hosts import HostPolicy
-from broker.http import serve_http
+from broker.http import Upgrade, error_response, serve_http
 from broker.hub import Hub, HubStatistics, Publication
 from broker.ws import WsConnection
 
@@ -47,6 +49,8 @@ log = logging.getLogger("tokenfan")
 # Errors accept() may raise when the process runs out of descriptors or memory;
 # the listener backs off and tries again instead of dying (as trio.serve_listeners does).
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+#: How long the listener waits after accept failed for want of descriptors or memory.
+ACCEPT_BACKOFF = 0.1
 #: How often expired history is dropped.
 HISTORY_SWEEP_INTERVAL = 1.0
 #: Channel names whose options are remembered (the cache is emptied when it fills).
@@ -90,6 +94,10 @@ class Broker:
         self._drained = trio.Event()  # set when shutting down and the last connection has ended
         self._data_limits = p.Limits(max_frame_size=self.config.max_body_size)
         self.hosts = HostPolicy.from_config(self.config)
+        self.http_gate = HttpPhaseGate(total=self.config.max_http_connections,
+                                       per_address=self.config.max_http_connections_per_ip)
+        self._accept_failures = 0
+        self._accept_failure_logged = -math.inf
 
     # -- emitting ------------------------------------------------------------------
 
@@ -229,17 +237,45 @@ class Broker:
             except OSError as exc:
                 if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                     raise
-                log.error("accept failed (%s); retrying in 100 ms", errno.errorcode[exc.errno or 0])
-                await trio.sleep(0.1)
+                self._note_accept_failure(exc)
+                await trio.sleep(ACCEPT_BACKOFF)
                 continue
             nursery.start_soon(self._handle_stream, stream)
 
+    def _note_accept_failure(self, exc: OSError) -> None:
+        """Log that ``accept`` failed for want of descriptors or memory: once per 10 s, with a count."""
+        self._accept_failures += 1
+        now = trio.current_time()
+        if now - self._accept_failure_logged >= 10:
+            log.error("accept failed (%s) %d time(s): out of file descriptors or memory; "
+                      "retrying every %d ms",
+                      errno.errorcode.get(exc.errno or 0, exc.errno), self._accept_failures,
+                      ACCEPT_BACKOFF * 1000)
+            self._accept_failure_logged = now
+            self._accept_failures = 0
+
+    async def _serve_http_phase(self, stream: trio.SocketStream) -> Upgrade | None:
+        """The connection's HTTP phase, counted against the caps of :attr:`http_gate`."""
+        try:
+            address = str(stream.socket.getpeername()[0])
+        except OSError:
+            return None  # gone already
+        problem = self.http_gate.enter(address)
+        if problem is not None:
+            with trio.move_on_after(1):
+                await stream.send_all(error_response(503, problem, close=True))
+            return None
+        try:
+            return await serve_http(self, stream)
+        finally:
+            self.http_gate.leave(address)
+
     async def _handle_stream(self, stream: trio.SocketStream) -> None:
         """One TCP connection, from its first HTTP byte to its close. Nothing escapes but Cancelled."""
-        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._tcp_connections += 1
         try:
-            upgrade = await serve_http(self, stream)
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            upgrade = await self._serve_http_phase(stream)
             if upgrade is not None:
                 connection = WsConnection(self, stream)
                 self.connections.add(connection)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -39,6 +40,11 @@ class ServedBroker:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time the broker process has used."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
 
 StartHostile = Callable[..., ServedBroker]
 
@@ -47,13 +53,19 @@ StartHostile = Callable[..., ServedBroker]
 def hostile_broker(tmp_path: Path) -> Iterator[StartHostile]:
     started: list[ServedBroker] = []
 
-    def start(**settings: object) -> ServedBroker:
+    def start(*, open_files: tuple[int, int] | None = None, **settings: object) -> ServedBroker:
+        """``tokenfan serve`` with ``TOKENFAN_*`` ``settings`` and ``RLIMIT_NOFILE`` = ``open_files``."""
+
+        def limit_files() -> None:
+            if open_files is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, open_files)
+
         env = {key: value for key, value in os.environ.items() if not key.startswith("TOKENFAN_")}
         env.update({f"TOKENFAN_{key.upper()}": str(value) for key, value in settings.items()})
         log = tmp_path / f"broker-{len(started)}.log"
         with log.open("wb") as sink:
             process = subprocess.Popen([sys.executable, "-m", "broker.cli", "serve", "--port", "0"],
-                                       env=env, stdout=subprocess.PIPE, stderr=sink)
+                                       env=env, stdout=subprocess.PIPE, stderr=sink, preexec_fn=limit_files)
         assert process.stdout is not None
         line = process.stdout.readline().decode()
         match = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
