@@ -395,7 +395,7 @@ async def test_emit_error_names_data_as_the_caller_wrote_it(broker: Broker) -> N
     for data, message in [({1: 2}, "map keys in data must be strings"),
                           (object(), "data holds an unsupported msgpack type (object)"),
                           (deep, "data is nested deeper than 32 levels"),
-                          (2**70, "data cannot be encoded as msgpack: Integer value out of range")]:
+                          (2**70, "data holds an integer outside msgpack's range (-2**63 to 2**64-1)")]:
         with pytest.raises(EmitError) as raised:
             broker.emit("ai-chat/x", "ev", data)
         assert str(raised.value) == message

@@ -35,7 +35,7 @@ offsets = st.integers(0, 2**64 - 1)
 texts = st.text(max_size=50)
 data = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1)
-    | st.floats(allow_nan=False) | st.text(max_size=20) | st.binary(max_size=20),
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20) | st.binary(max_size=20),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children,
                                                                        max_size=4),
     max_leaves=12,
