@@ -63,8 +63,8 @@ class OutboxStatistics:
 class Outbox:
     """Ordered, byte-bounded send queue of one socket. See the module docstring."""
 
-    __slots__ = ("_backlog", "_fd", "_head_is_tail", "_limit", "_lot", "_overflow_frames", "_queue",
-                 "_queued", "_shrink_at", "_state", "on_overflow", "overflowed")
+    __slots__ = ("_backlog", "_fd", "_head_is_tail", "_last_progress", "_limit", "_lot", "_overflow_frames",
+                 "_queue", "_queued", "_shrink_at", "_state", "on_overflow", "overflowed")
 
     def __init__(self, fd: int, *, limit: int, overflow_frames: bytes = b"",
                  on_overflow: Callable[[], None] | None = None, backlog: Backlog | None = None) -> None:
@@ -86,6 +86,7 @@ class Outbox:
         # Whether a half-written head (a memoryview) runs to the end of its bytes object.
         self._head_is_tail = True
         self._queued = 0
+        self._last_progress = 0.0  # when the queue last became non-empty or the kernel took some of it
         self._state = OutboxState.OPEN
         self._lot = trio.lowlevel.ParkingLot()
         self.overflowed = False
@@ -94,6 +95,10 @@ class Outbox:
     @property
     def state(self) -> OutboxState:
         return self._state
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds the queue has waited with the kernel taking none of it (0 when nothing is queued)."""
+        return now - self._last_progress if self._queue else 0.0
 
     def statistics(self) -> OutboxStatistics:
         return OutboxStatistics(state=self._state, bytes_queued=self._queued,
@@ -175,6 +180,7 @@ class Outbox:
         self._queue.append(data)
         self._queued += len(data)
         if len(self._queue) == 1:
+            self._last_progress = trio.current_time()
             self._lot.unpark_all()
 
     def _write_queued(self) -> None:
@@ -187,6 +193,8 @@ class Outbox:
             self._die()
             return
         self._queued -= written
+        if written:
+            self._last_progress = trio.current_time()
         done = 0
         while written:
             head = queue[done]

@@ -96,8 +96,9 @@ class WsConnection:
     heartbeat task pings every connection and enforces the idle timeout.
     """
 
-    __slots__ = ("_last_heard", "_message", "_pub_allowance", "_pub_checked", "_writer_scope", "broker",
-                 "close_code", "decoder", "fd", "frames_received", "outbox", "stream", "subscriptions", "ws")
+    __slots__ = ("_last_heard", "_message", "_message_started", "_pub_allowance", "_pub_checked",
+                 "_writer_scope", "broker", "close_code", "decoder", "fd", "frames_received", "outbox",
+                 "stream", "subscriptions", "ws")
 
     def __init__(self, broker: Broker, stream: trio.SocketStream) -> None:
         self.broker = broker
@@ -115,6 +116,7 @@ class WsConnection:
         self.ws: wsproto.connection.Connection | None = None  # set by the handshake
         self.frames_received = 0
         self._message = bytearray()
+        self._message_started = 0.0  # when the first fragment of the unfinished message came
         self._last_heard = trio.current_time()
         self._writer_scope = trio.CancelScope()
         self.close_code: p.Code | None = None
@@ -151,10 +153,18 @@ class WsConnection:
         self._limit_linger()
 
     def heartbeat(self, now: float) -> None:
-        """Called by the broker every ``ping_interval``: ping, or close if the client went silent."""
+        """Called by the broker every ``ping_interval``: ping, or close a connection that holds on
+        without taking part: silent, not reading what it is sent (whatever it sends meanwhile, pongs
+        included), or leaving a message unfinished."""
+        config = self.broker.config
         silent = now - self._last_heard
-        if silent >= self.broker.config.idle_timeout:
+        stalled = self.outbox.stalled_for(now)
+        if silent >= config.idle_timeout:
             self.close(p.Code.IDLE_TIMEOUT, f"nothing heard for {silent:.0f}s")
+        elif stalled >= config.idle_timeout:
+            self.close(p.Code.SLOW_CONSUMER, f"nothing sent to you could be delivered for {stalled:.0f}s")
+        elif self._message and (unfinished := now - self._message_started) >= config.handshake_timeout:
+            self.close(p.Code.BAD_FRAME, f"a message was left unfinished for {unfinished:.0f}s")
         elif self.ws is not None:
             self.outbox.offer(self.ws.send(wse.Ping(payload=b"tf")))
 
@@ -221,6 +231,8 @@ class WsConnection:
 
     def _on_ws_event(self, event: wse.Event) -> None:
         if isinstance(event, wse.BytesMessage):
+            if not self._message and not event.message_finished:
+                self._message_started = trio.current_time()
             self._message += event.data
             if len(self._message) > self.broker.config.max_frame_size:
                 self.close(p.Code.FRAME_TOO_LARGE,
