@@ -235,6 +235,7 @@ class Config:
     shutdown_timeout: float = 5.0
     batching: bool = True
     history_max_bytes: int = 256 * 1024 * 1024
+    memory_limit: int = 0
     allowed_hosts: tuple[str, ...] = ()
     max_client_data: int = 4096
     client_publish_rate: float = 10.0
@@ -284,6 +285,8 @@ class Config:
         if not 0 < self.client_publish_rate <= 100_000:
             raise ConfigError("client_publish_rate: must be above 0 and at most 100000 per second, "
                               f"got {self.client_publish_rate}")
+        if self.memory_limit < 0:
+            raise ConfigError(f"memory_limit: must not be negative, got {self.memory_limit}")
         if self.history_max_bytes < 0:
             raise ConfigError(f"history_max_bytes: must not be negative, got {self.history_max_bytes}")
         for name in ("handshake_timeout", "idle_timeout", "ping_interval", "shutdown_timeout"):
@@ -308,7 +311,8 @@ _PARSERS: dict[str, Any] = {
     "max_body_size": parse_size, "max_batch_events": _parse_int,
     "handshake_timeout": parse_duration, "idle_timeout": parse_duration,
     "ping_interval": parse_duration, "shutdown_timeout": parse_duration, "batching": _parse_bool,
-    "history_max_bytes": parse_size, "allowed_hosts": _parse_host_list, "max_client_data": parse_size,
+    "history_max_bytes": parse_size, "memory_limit": parse_size, "allowed_hosts": _parse_host_list,
+    "max_client_data": parse_size,
     "client_publish_rate": _parse_float,
     "ai_provider": _parse_str, "ai_max_generations": _parse_int, "ai_time_limit": parse_duration,
     "ai_max_tokens": _parse_int, "ai_demo_tokens_per_second": _parse_float, "ai_rollup": parse_duration,

@@ -110,6 +110,12 @@ def parse_body(head: RequestHead, body: bytes) -> Any:
                    "send application/json or application/msgpack")
 
 
+def refuse_when_short_of_memory(broker: Broker) -> None:
+    """``503`` for a request that would build something large while the broker is over ``memory_limit``."""
+    if broker.memory.over:
+        raise ApiError(503, "the broker is near its memory_limit; retry later", (("Retry-After", "1"),))
+
+
 def parse_event(broker: Broker, item: object, where: str) -> tuple[str, str, Any, bool | None]:
     """Validate one ``{"channel", "event", "data", "persist"?}`` object; return its parts."""
     if not isinstance(item, dict):
@@ -215,6 +221,7 @@ def _int_param(query: dict[str, str], key: str, default: int, low: int, high: in
 
 def _history(broker: Broker, request: Request) -> bytes:
     """``GET /api/history?channel=…&since=…&epoch=…&limit=…``: kept publications as JSON."""
+    refuse_when_short_of_memory(broker)
     query = _query(request)
     unknown = set(query) - {"channel", "since", "epoch", "limit"}
     if unknown:
@@ -254,6 +261,7 @@ ROUTES: dict[str, tuple[str, Handler]] = {
 
 async def _ai_chat(broker: Broker, request: Request) -> bytes:
     """``POST /ai/chat``: stream an answer to ``ai-chat/{sessionId}``; answer when it ends (or 202)."""
+    refuse_when_short_of_memory(broker)
     try:
         chat = parse_chat_request(parse_body(request.head, request.body))
         generation = broker.ai.start(chat)

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import trio
 
 from broker.backlog import Backlog
+from broker.memory import LARGE, MemoryBudget
 from protocol import split_ws_frames
 
 # Kernel limit on iovecs per writev; Linux has 1024.
@@ -63,19 +64,25 @@ class OutboxStatistics:
 class Outbox:
     """Ordered, byte-bounded send queue of one socket. See the module docstring."""
 
-    __slots__ = ("_backlog", "_fd", "_head_is_tail", "_last_progress", "_limit", "_lot", "_overflow_frames",
-                 "_queue", "_queued", "_shrink_at", "_state", "on_overflow", "overflowed")
+    __slots__ = ("_backlog", "_budget", "_fd", "_head_is_tail", "_last_progress", "_limit", "_lot",
+                 "_overflow_frames", "_queue", "_queued", "_shed_frames", "_shrink_at", "_state",
+                 "on_overflow", "overflowed")
 
     def __init__(self, fd: int, *, limit: int, overflow_frames: bytes = b"",
-                 on_overflow: Callable[[], None] | None = None, backlog: Backlog | None = None) -> None:
+                 on_overflow: Callable[[], None] | None = None, backlog: Backlog | None = None,
+                 budget: MemoryBudget | None = None, shed_frames: bytes = b"") -> None:
         """
         Args:
             fd: the connected, non-blocking socket's file descriptor.
             limit: most bytes that may wait in the queue.
             overflow_frames: bytes to send when the queue overflows (``bye`` + close frame).
-            on_overflow: called once, synchronously, when the queue overflows.
+            on_overflow: called once, synchronously, when the queue overflows (or is shed).
             backlog: what shrinks the queue before it overflows (None: nothing does).
+            budget: the broker's memory budget, told of every change in the bytes queued.
+            shed_frames: bytes to send when the budget sheds this outbox.
         """
+        self._budget = budget
+        self._shed_frames = shed_frames
         self._fd = fd
         self._limit = limit
         self._backlog = backlog
@@ -95,6 +102,16 @@ class Outbox:
     @property
     def state(self) -> OutboxState:
         return self._state
+
+    @property
+    def queued(self) -> int:
+        """Bytes waiting to be sent."""
+        return self._queued
+
+    def shed(self) -> None:
+        """Drop the backlog and close with the shedding ``bye``: the broker is short of memory."""
+        if self._state is OutboxState.OPEN:
+            self._overflow(self._shed_frames)
 
     def stalled_for(self, now: float) -> float:
         """Seconds the queue has waited with the kernel taking none of it (0 when nothing is queued)."""
@@ -140,7 +157,7 @@ class Outbox:
         if self._state is not OutboxState.OPEN or not queue:
             return self.offer(data)
         queue.insert(1 if isinstance(queue[0], memoryview) else 0, data)
-        self._queued += len(data)
+        self._set_queued(self._queued + len(data))
         if self._queued > self._shrink_at:
             return self._relieve()
         return True
@@ -178,7 +195,7 @@ class Outbox:
 
     def _push(self, data: bytes | memoryview) -> None:
         self._queue.append(data)
-        self._queued += len(data)
+        self._set_queued(self._queued + len(data))
         if len(self._queue) == 1:
             self._last_progress = trio.current_time()
             self._lot.unpark_all()
@@ -192,7 +209,7 @@ class Outbox:
         except OSError:
             self._die()
             return
-        self._queued -= written
+        self._set_queued(self._queued - written)
         if written:
             self._last_progress = trio.current_time()
         done = 0
@@ -220,7 +237,7 @@ class Outbox:
                 shrunk = backlog.shrink(queue[keep:], drop=drop)
                 del queue[keep:]
                 queue.extend(shrunk)
-                self._queued = sum(len(item) for item in queue)
+                self._set_queued(sum(len(item) for item in queue))
                 if self._queued <= self._limit:
                     break
         if self._queued > self._limit:
@@ -254,25 +271,36 @@ class Outbox:
             self._head_is_tail = False
         return 1
 
-    def _overflow(self) -> None:
+    def _set_queued(self, queued: int) -> None:
+        """Record the bytes queued, telling the memory budget of the change (and of crossing its mark)."""
+        budget = self._budget
+        if budget is not None:
+            was_large = self._queued >= LARGE
+            budget.change(queued - self._queued)
+            if (queued >= LARGE) != was_large:
+                budget.track(self, queued >= LARGE)
+        self._queued = queued
+
+    def _overflow(self, final: bytes | None = None) -> None:
         # Keep the unsent tail of a frame already partly on the wire (a memoryview:
         # only partial writes make those), drop the rest, then say goodbye.
         head = self._queue[0] if self._queue else None
         self._queue.clear()
-        self._queued = 0
+        self._set_queued(0)
         if isinstance(head, memoryview):
             self._queue.append(head)
-            self._queued = len(head)
+            self._set_queued(len(head))
         self.overflowed = True
         self._state = OutboxState.CLOSING
-        if self._overflow_frames:
-            self._push(self._overflow_frames)
+        final = self._overflow_frames if final is None else final
+        if final:
+            self._push(final)
         self._lot.unpark_all()
         if self.on_overflow is not None:
             self.on_overflow()
 
     def _die(self) -> None:
         self._queue.clear()
-        self._queued = 0
+        self._set_queued(0)
         self._state = OutboxState.DEAD
         self._lot.unpark_all()

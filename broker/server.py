@@ -42,6 +42,7 @@ from broker.history import EngineStatistics, MemoryEngine
 from broker.hosts import HostPolicy
 from broker.http import Upgrade, error_response, serve_http
 from broker.hub import Hub, HubStatistics, Publication
+from broker.memory import MemoryBudget, default_memory_limit
 from broker.ws import WsConnection
 
 log = logging.getLogger("tokenfan")
@@ -94,6 +95,9 @@ class Broker:
         self._drained = trio.Event()  # set when shutting down and the last connection has ended
         self._data_limits = p.Limits(max_frame_size=self.config.max_body_size)
         self.hosts = HostPolicy.from_config(self.config)
+        self.memory = MemoryBudget(self.config.memory_limit or default_memory_limit(),
+                                   on_over=self._memory_over)
+        self._memory_pressure = trio.Event()
         self.http_gate = HttpPhaseGate(total=self.config.max_http_connections,
                                        per_address=self.config.max_http_connections_per_ip)
         self._accept_failures = 0
@@ -177,6 +181,7 @@ class Broker:
                 await nursery.start(self.hub.run_flusher)
                 self.ai.attach(nursery)
                 nursery.start_soon(self._heartbeat)
+                nursery.start_soon(self._shed_memory)
                 nursery.start_soon(self._sweep_history)
                 accept_scope = trio.CancelScope()
                 nursery.start_soon(self._accept_loop, listeners, nursery, accept_scope)
@@ -218,6 +223,21 @@ class Broker:
             await trio.sleep(HISTORY_SWEEP_INTERVAL)
             self.engine.expire(trio.current_time())
             self.ai.expire(trio.current_time())
+
+    def _memory_over(self) -> None:
+        self._memory_pressure.set()
+
+    async def _shed_memory(self) -> None:
+        """When the memory budget goes over its limit: cut the largest send buffers (outside the
+        offer that crossed it, which may be one of them)."""
+        while True:
+            await self._memory_pressure.wait()
+            self._memory_pressure = trio.Event()
+            if self.memory.over:
+                used = self.memory.used
+                cut = self.memory.shed()
+                log.warning("memory_limit (%d bytes) passed at %d bytes held for clients: cut the %d "
+                            "largest send buffer(s)", self.memory.limit, used, cut)
 
     def shutdown(self) -> None:
         """Begin a graceful shutdown; :meth:`serve` returns when it is done."""
@@ -321,7 +341,8 @@ class Broker:
                 "history_publications": stats.history.kept, "history_bytes": stats.history.bytes,
                 "recoveries": stats.hub.recoveries, "recovery_misses": stats.hub.recovery_misses,
                 "coalesced": stats.backlog.coalesced, "dropped": stats.backlog.dropped,
-                "slow_disconnects": stats.slow_disconnects}
+                "slow_disconnects": stats.slow_disconnects, "memory_used": self.memory.used,
+                "memory_limit": self.memory.limit, "memory_shed": self.memory.shed_count}
 
 
 async def serve(config: Config | None = None, *,

@@ -108,7 +108,9 @@ class WsConnection:
         self.outbox = Outbox(
             self.fd, limit=config.outbox_limit,
             overflow_frames=bye_frames(p.Code.SLOW_CONSUMER, "send buffer full: reading too slowly"),
-            on_overflow=self._on_overflow, backlog=broker.backlog,
+            on_overflow=self._on_overflow, backlog=broker.backlog, budget=broker.memory,
+            shed_frames=bye_frames(p.Code.SLOW_CONSUMER, "the broker is short of memory and your send "
+                                   "buffer was among the largest: reconnect and recover"),
         )
         self.subscriptions: set[str] = set()
         self.decoder = p.Decoder(peer=p.Peer.CLIENT,
@@ -143,6 +145,8 @@ class WsConnection:
             for channel in self.subscriptions:
                 self.broker.hub.unsubscribe(channel, self.outbox)
             self.subscriptions.clear()
+            self.broker.memory.change(-len(self._message))
+            self._message.clear()
 
     def close(self, code: p.Code, msg: str) -> None:
         """Send ``bye`` and a close frame after what is queued, then end (within ``shutdown_timeout``)."""
@@ -234,12 +238,14 @@ class WsConnection:
             if not self._message and not event.message_finished:
                 self._message_started = trio.current_time()
             self._message += event.data
+            self.broker.memory.change(len(event.data))
             if len(self._message) > self.broker.config.max_frame_size:
                 self.close(p.Code.FRAME_TOO_LARGE,
                            f"message larger than the {self.broker.config.max_frame_size}-byte limit")
                 return
             if event.message_finished:
                 message = bytes(self._message)
+                self.broker.memory.change(-len(message))
                 self._message.clear()
                 self._on_message(message)
         elif isinstance(event, wse.TextMessage):
@@ -354,6 +360,11 @@ class WsConnection:
         if len(self.subscriptions) >= limit:
             self.reply_urgent(p.Err(id=frame.id, code=p.Code.TOO_MANY_SUBSCRIPTIONS,
                                     msg=f"a connection may hold at most {limit} subscriptions"))
+            return
+        if frame.since is not None and self.broker.memory.over:
+            self.reply_urgent(p.Err(id=frame.id, code=p.Code.OVERLOADED,
+                                    msg="the broker is near its memory_limit and builds no replay now; "
+                                        "retry later"))
             return
         read_limit = REPLAY_READ_FACTOR * self.broker.config.outbox_limit
         joined = self.broker.hub.subscribe(frame.ch, self.outbox, since=frame.since,

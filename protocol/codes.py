@@ -42,6 +42,8 @@ class Code(IntEnum):
     INTERNAL_ERROR = 4010
     #: The client sends this command faster than the server allows; retry it later.
     RATE_LIMITED = 4011
+    #: The server is short of a resource (e.g. near its memory limit) and refuses this command; retry later.
+    OVERLOADED = 4012
 
     #: The server is shutting down; reconnect (to another instance) and recover.
     SHUTTING_DOWN = 4100
