@@ -1,21 +1,52 @@
-"""HTTP/1.1 requests in, responses out: a small, strict, sans-IO server side.
+"""HTTP/1.1 requests in, responses out: a strict sans-IO server side, parsed by llhttp.
 
-Why not h11: every token an app emits over HTTP is one request, and h11
-spends about 150 µs of CPU on one request/response cycle on the reference
-machine, ten times the cost of fanning a token out to a few subscribers. This
-module does only what the broker's API needs, strictly (RFC 9112), in about a
-tenth of that:
+Every token an app emits over HTTP is one request, so the reader is on the hot
+path, and it is the part of a broker most often attacked. h11 spent about
+150 µs of CPU per request/response here. The reader parses with llhttp
+(Node.js's HTTP parser, in C, strict by default and fuzzed for years; uvicorn
+uses it through ``httptools``): about 10 µs per emit request where the
+pure-Python reader this broker used before spends about 15 µs, and 36 µs of
+broker CPU per emit end to end against 45 µs (:mod:`broker.httpwire_pure`,
+kept as a reference; ``python -m bench.httpreader`` measures both,
+docs/benchmarks.md has the figures).
 
-- request line ``METHOD SP target SP HTTP/1.1`` (or ``HTTP/1.0``); header
-  lines ``name: value`` with token names; no obsolete line folding;
-- bodies by ``Content-Length`` or ``Transfer-Encoding: chunked`` (never both:
-  that is how requests get smuggled), bounded by ``max_body``;
+What is accepted (RFC 9112, to the letter):
+
+- request line ``METHOD SP target SP HTTP/1.1`` (or ``HTTP/1.0``), methods
+  llhttp knows; header lines ``name: value`` with token names and no control
+  characters; CRLF only (no bare LF or CR), no obsolete line folding;
+- bodies by ``Content-Length`` (ASCII digits) or ``Transfer-Encoding:
+  chunked`` (exactly that coding, HTTP/1.1 only; hex chunk sizes, nothing
+  else), never both: anything else is how requests get smuggled past a proxy
+  that reads them differently; bounded by ``max_body``, heads by ``max_head``
+  and 100 header lines;
 - keep-alive (HTTP/1.1 default, ``Connection: close`` honoured, HTTP/1.0 only
   with ``Connection: keep-alive``) and pipelining;
-- ``Expect: 100-continue`` (curl sends it for bodies over 1 KiB).
+- ``Expect: 100-continue`` (curl sends it for bodies over 1 KiB);
+- ``Upgrade`` requests without a body; after a WebSocket one, the bytes that
+  follow it are left in :attr:`RequestReader.buffered`.
 
 Anything else gets an :class:`HttpError` naming the problem, with the status
 to answer. After an error the reader is unusable: answer and close.
+
+Theory of operation: llhttp parses, this module frames. ``httptools`` reports
+what llhttp reads through callbacks but never where in the input a message
+ended, so a pipelined stream fed whole would run on into the next request and
+leave the reader unable to say how large a head is, which bytes follow a
+WebSocket upgrade, or what the request line said beyond its method, target
+and version (llhttp also takes ``RTSP/1.0`` and runs of spaces there). The
+reader therefore feeds llhttp one message at a time, cut where a message can
+end: a head at its first CRLF CRLF (llhttp takes CRLF line ends only, so it
+agrees, and the head's bytes stay buffered until it is complete, so its size
+and request line are checked exactly); a Content-Length body exactly that
+many bytes; a chunked body up to each CRLF CRLF in turn (the last chunk, the
+trailers and the empty line end with one), checking after each whether it
+has ended. llhttp checks every byte (request line, header lines, framing
+headers, chunk sizes and extensions, trailers) and decodes the chunks; a
+whole head's lines are read here into a :class:`RequestHead` (cheaper than a
+callback per header), by the rules llhttp lacks. Should llhttp ever find a
+head or a request ending elsewhere than this reader does, the request is
+refused, never guessed at.
 """
 
 from __future__ import annotations
@@ -23,17 +54,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/1\.([01])")
-_HEADER_VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-# Content-Length = 1*DIGIT (ASCII only: str.isdigit() also takes "²" and "٣"); 18 digits is
-# past any body we accept and short enough that int() never meets Python's digit limit.
+import httptools
+
+# Content-Length = 1*DIGIT (llhttp checks that); 18 digits is past any body we accept and
+# short enough that int() never meets Python's digit limit.
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
-# chunk = chunk-size [ chunk-ext ] CRLF; chunk-size = 1*HEXDIG; chunk-ext = *( BWS ";" ... ).
-# Exactly that: no sign, no "0x", no "_", no leading space, which int(x, 16) would all take
-# and a proxy in front may read differently (request smuggling).
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[^\r\n]*)?")
+_EMPTY_LINES = re.compile(rb"(?:\r\n)+")
+_END = b"\r\n\r\n"
 _MAX_HEADERS = 100
+_REQUEST_LINE_WORDS = ("method", "HTTP", "version", "url", "URL", "protocol")
+
+# What the reader is waiting for.
+_HEAD, _LENGTH_BODY, _CHUNKED_BODY, _UPGRADED = range(4)
 
 REASONS = {
     100: "Continue", 101: "Switching Protocols", 200: "OK", 202: "Accepted", 400: "Bad Request",
@@ -93,27 +125,41 @@ class RequestReader:
     """
 
     def __init__(self, *, max_head: int = 16 * 1024, max_body: int = 1024 * 1024) -> None:
+        self._parser = httptools.HttpRequestParser(self)
         self._buffer = bytearray()
+        self._fed = 0  # bytes at the start of the buffer already given to llhttp
         self._max_head = max_head
         self._max_body = max_body
+        self._state = _HEAD
+        self._error: HttpError | None = None  # once refused, refused for good
+        self._refused: HttpError | None = None  # raised in a callback, to re-raise past llhttp
+        self._upgrade = False  # llhttp paused after an Upgrade request
+        # The request being read.
         self._head: RequestHead | None = None
-        self._length: int | None = None  # Content-Length of the current body, or None for chunked
-        self._chunks: bytearray | None = None  # decoded chunked body so far
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._remaining = 0  # Content-Length bytes not yet fed
+        self._stalled = 0  # chunked body bytes fed without any data coming out
+        self._progress = False
+        self._complete = False
+        self._started = False  # llhttp has begun the request
+        self._head_read = False  # llhttp has read its head
         self.expects_continue = False
         self._continue_sent = False
 
     @property
     def buffered(self) -> bytes:
         """Bytes received after the last request returned (e.g. WebSocket data after an upgrade)."""
-        return bytes(self._buffer)
+        return bytes(self._buffer[self._fed:])
 
     @property
     def idle(self) -> bool:
         """True between requests with nothing buffered."""
-        return self._head is None and not self._buffer
+        return self._state == _HEAD and not self._buffer
 
     def feed(self, data: bytes) -> None:
-        self._buffer += data
+        if self._error is None:
+            self._buffer += data
 
     def continue_sent(self) -> None:
         """Record that ``100 Continue`` was sent, so it is not sent twice."""
@@ -126,128 +172,226 @@ class RequestReader:
         Raises:
             HttpError: the bytes are not an acceptable HTTP/1.1 request.
         """
-        if self._head is None:
-            head = self._parse_head()
-            if head is None:
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._next()
+        except HttpError as exc:
+            self._error = exc
+            self._buffer.clear()
+            raise
+
+    # -- framing ----------------------------------------------------------------
+
+    def _next(self) -> Request | None:
+        while True:
+            state = self._state
+            if state == _HEAD:
+                if not self._read_head():
+                    return None
+            elif state == _LENGTH_BODY:
+                buffer = self._buffer
+                count = min(self._remaining, len(buffer))
+                if not count:
+                    return None
+                self._feed(0, count)
+                del buffer[:count]
+                self._remaining -= count
+            elif state == _CHUNKED_BODY:
+                if not self._read_chunks():
+                    return None
+            else:  # upgraded: the bytes that follow are not HTTP
                 return None
-            self._head = head
-            self._start_body(head)
-        body = self._read_body()
-        if body is None:
-            return None
-        request = Request(self._head, body)
+            if self._complete:
+                return self._finish()
+
+    def _finish(self) -> Request:
+        head = self._head
+        assert head is not None
+        body = self._body
+        request = Request(head, body[0] if len(body) == 1 else b"".join(body))
+        self._state = _UPGRADED if self._upgrade and head.is_websocket_upgrade else _HEAD
+        self._upgrade = self._complete = self._started = self._head_read = False
         self._head = None
-        self._length = None
-        self._chunks = None
-        self.expects_continue = False
-        self._continue_sent = False
+        self._body = []
+        self._body_size = 0
+        self.expects_continue = self._continue_sent = False
         return request
 
-    # -- head -------------------------------------------------------------------
-
-    def _parse_head(self) -> RequestHead | None:
+    def _read_head(self) -> bool:
+        """Feed llhttp the head as far as it has come; True once it is complete (and its body, if here)."""
         buffer = self._buffer
-        # Tolerate empty lines before a request (RFC 9112 §2.2).
-        while buffer.startswith(b"\r\n"):
-            del buffer[:2]
-        end = buffer.find(b"\r\n\r\n")
+        if not self._fed and buffer.startswith((b"\r", b"\n")):
+            # Empty lines before a request are ignored (RFC 9112 §2.2); a bare CR or LF is not one.
+            match = _EMPTY_LINES.match(buffer)
+            if match is not None:
+                del buffer[:match.end()]
+            if buffer == b"\r" or not buffer:  # the rest of an empty line, or a request, to come
+                return False
+            if buffer.startswith((b"\r", b"\n")):
+                raise HttpError(400, "bad HTTP request line: a bare CR or LF before it")
+        fed = self._fed
+        end = buffer.find(_END, fed - 3 if fed > 3 else 0)
         if end < 0:
             if len(buffer) > self._max_head:
                 raise HttpError(431, f"request head is over the {self._max_head}-byte limit")
-            if buffer and not buffer[:1].isalpha():
-                raise HttpError(400, "bad HTTP request: does not start with a method")
-            return None
+            if len(buffer) > fed:  # llhttp refuses garbage before the head is whole
+                self._feed(fed, len(buffer))
+                self._fed = len(buffer)
+            return False
         if end > self._max_head:
             raise HttpError(431, f"request head is over the {self._max_head}-byte limit")
-        lines = bytes(buffer[:end]).split(b"\r\n")
-        del buffer[:end + 4]
-        match = _REQUEST_LINE.fullmatch(lines[0])
-        if match is None:
-            raise HttpError(400, f"bad HTTP request line {lines[0][:100]!r}")
-        if len(lines) - 1 > _MAX_HEADERS:
+        head, length = self._parse_head(end)
+        self._head = head
+        stop = end + 4
+        if length >= 0 and stop + length <= len(buffer):  # the body is here too: one call for both
+            stop += length
+            length = 0
+        self._feed(fed, stop)
+        if not self._head_read:
+            # llhttp saw no head end where we did: cannot happen (it takes CRLF line ends only),
+            # but if it did, the two would frame requests differently: never accept that.
+            raise HttpError(400, "bad HTTP request: its head does not end where it should")
+        del buffer[:stop]
+        self._fed = 0
+        if not self._complete:
+            self._state = _CHUNKED_BODY if length < 0 else _LENGTH_BODY
+            self._remaining = length
+            self._stalled = 0
+            if "100-continue" in head.headers.get("expect", "").lower() and not self._continue_sent:
+                self.expects_continue = True
+        return True
+
+    def _parse_head(self, end: int) -> tuple[RequestHead, int]:
+        """The head in ``buffer[:end]`` and its body's length (-1: chunked).
+
+        Read by the rules llhttp does not check.
+
+        llhttp checks the syntax of every line (as it is fed, right after);
+        here the lines are read into a :class:`RequestHead`, refusing what llhttp
+        would let through and RFC 9112 or this broker does not: ``RTSP/1.0``,
+        ``HTTP/2.0``, ``HTTP/0.9`` (no version) and runs of spaces in the request
+        line, two Host headers, codings other than chunked.
+        """
+        lines = self._buffer[:end].decode("latin-1").split("\r\n")
+        if len(lines) > _MAX_HEADERS + 1:
             raise HttpError(431, f"more than {_MAX_HEADERS} headers")
+        words = lines[0].split(" ")
+        if len(words) != 3 or words[2] not in ("HTTP/1.1", "HTTP/1.0"):
+            raise HttpError(400, f"bad HTTP request line {lines[0][:100]!r}: "
+                                 "expected METHOD SP target SP HTTP/1.1")
         headers: dict[str, str] = {}
         for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon or _TOKEN.fullmatch(name) is None:
-                raise HttpError(400, f"bad HTTP header line {line[:100]!r}")
-            value = value.strip(b" \t")
-            if _HEADER_VALUE_BAD.search(value):
-                raise HttpError(400, f"bad characters in header {name.decode('latin-1')}")
-            key = name.decode("latin-1").lower()
-            text = value.decode("latin-1")
+            name, _, value = line.partition(":")
+            key = name.lower()
+            value = value.strip(" \t")
             if key in headers:
                 if key in ("content-length", "host"):
-                    if key == "host" or headers[key] != text:
-                        raise HttpError(400, f"conflicting {key} headers")
-                    continue
-                headers[key] = f"{headers[key]}, {text}"
+                    raise HttpError(400, f"conflicting {key} headers")
+                headers[key] = f"{headers[key]}, {value}"
             else:
-                headers[key] = text
-        method, target, minor = match.groups()
-        return RequestHead(method.decode("ascii"), target.decode("ascii"), minor == b"0", headers)
-
-    # -- body -------------------------------------------------------------------
-
-    def _start_body(self, head: RequestHead) -> None:
-        encoding = head.headers.get("transfer-encoding")
-        length = head.headers.get("content-length")
+                headers[key] = value
+        http10 = words[2] == "HTTP/1.0"
+        encoding = headers.get("transfer-encoding")
+        length = headers.get("content-length")
         if encoding is not None:
             if length is not None:
                 raise HttpError(400, "a request may not have both Content-Length and Transfer-Encoding")
-            if encoding.strip().lower() != "chunked":
+            if encoding.lower() != "chunked":
                 raise HttpError(501, f"unsupported Transfer-Encoding {encoding[:50]!r}")
-            self._chunks = bytearray()
+            if http10:
+                # RFC 9112 §6.1: its framing is faulty (an HTTP/1.0 proxy would not decode it).
+                raise HttpError(400, "Transfer-Encoding is not allowed in an HTTP/1.0 request")
         elif length is not None:
             if _CONTENT_LENGTH.fullmatch(length) is None:
                 raise HttpError(400, f"bad Content-Length {length[:30]!r}: expected 1 to 18 ASCII digits")
-            self._length = int(length)
-            if self._length > self._max_body:
-                raise HttpError(413, f"body of {self._length} bytes is over the {self._max_body}-byte limit")
-        else:
-            self._length = 0
-        if "100-continue" in head.headers.get("expect", "").lower() and not self._continue_sent:
-            self.expects_continue = True
+            size = int(length)
+            if size > self._max_body:
+                raise HttpError(413, f"body of {size} bytes is over the {self._max_body}-byte limit")
+            return RequestHead(words[0], words[1], http10, headers), size
+        return RequestHead(words[0], words[1], http10, headers), -1 if encoding is not None else 0
 
-    def _read_body(self) -> bytes | None:
+    def _read_chunks(self) -> bool:
+        """Feed llhttp the chunked body up to the next place it can end; True if it may go on."""
         buffer = self._buffer
-        if self._chunks is None:
-            length = self._length or 0
-            if len(buffer) < length:
-                return None
-            body = bytes(buffer[:length])
-            del buffer[:length]
-            return body
-        chunks = self._chunks
-        while True:
-            end = buffer.find(b"\r\n")
-            if end < 0:
-                if len(buffer) > 1024:
-                    raise HttpError(400, "bad chunked body: chunk size line too long")
-                return None
-            size_line = _CHUNK_SIZE.fullmatch(buffer, 0, end)
-            if size_line is None:
-                raise HttpError(400, f"bad chunked body: chunk size line {bytes(buffer[:min(end, 20)])!r} "
-                                     "is not hex digits (and an optional ;extension)")
-            size = int(size_line.group(1), 16)
-            if size == 0:
-                # Last chunk, then optional trailers, then an empty line.
-                trailer_end = buffer.find(b"\r\n\r\n", end)
-                if trailer_end < 0 and buffer[end:end + 4] != b"\r\n\r\n":
-                    if len(buffer) > self._max_head:
-                        raise HttpError(431, "chunked trailers are too large")
-                    return None
-                stop = end + 4 if buffer[end:end + 4] == b"\r\n\r\n" else trailer_end + 4
-                del buffer[:stop]
-                return bytes(chunks)
-            if len(chunks) + size > self._max_body:
-                raise HttpError(413, f"body is over the {self._max_body}-byte limit")
-            if len(buffer) < end + 2 + size + 2:
-                return None
-            if buffer[end + 2 + size:end + 4 + size] != b"\r\n":
-                raise HttpError(400, "bad chunked body: chunk not followed by CRLF")
-            chunks += buffer[end + 2:end + 2 + size]
-            del buffer[:end + 4 + size]
+        fed = self._fed  # the last bytes fed (at most 3) stay, so a CRLF CRLF across reads is seen
+        end = buffer.find(_END)
+        stop = len(buffer) if end < 0 else end + 4
+        if stop <= fed:
+            return False
+        self._progress = False
+        self._feed(fed, stop)
+        if self._complete:
+            del buffer[:stop]
+            self._fed = 0
+            return True
+        if self._progress:
+            self._stalled = 0
+        else:
+            # Chunk-size lines, extensions and trailers only: bounded like a head.
+            self._stalled += stop - fed
+            if self._stalled > self._max_head:
+                raise HttpError(431, f"chunk-size lines or trailers are over the {self._max_head}-byte limit")
+        keep = min(stop, 3)
+        del buffer[:stop - keep]
+        self._fed = keep
+        return end >= 0
+
+    def _feed(self, start: int, stop: int) -> None:
+        try:
+            self._parser.feed_data(self._buffer[start:stop])
+        except httptools.HttpParserUpgrade as exc:
+            if exc.args[0] != stop - start:  # not where the head ended: never guess
+                raise HttpError(400, "bad HTTP request: the upgrade does not start after its head") from None
+            self._upgrade = True
+        except httptools.HttpParserError as exc:
+            if self._refused is not None:
+                raise self._refused from None
+            raise self._refusal(str(exc)) from None
+
+    def _refusal(self, reason: str) -> HttpError:
+        """An error from llhttp, said where it was found."""
+        if self._state == _CHUNKED_BODY:
+            where = "bad chunked body"
+        elif self._state == _LENGTH_BODY:
+            where = "bad HTTP request"
+        elif b"\r\n" not in self._buffer or any(word in reason for word in _REQUEST_LINE_WORDS):
+            where = "bad HTTP request line"
+        else:
+            where = "bad HTTP header line"
+        return HttpError(400, f"{where}: {reason}")
+
+    def _refuse(self, status: int, message: str) -> HttpError:
+        """The error a callback raises: llhttp turns it into its own, :meth:`_feed` turns it back."""
+        self._refused = error = HttpError(status, message)
+        return error
+
+    # -- llhttp's callbacks -----------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._started or self._state != _HEAD:  # llhttp and this reader disagree on where a request ends
+            raise self._refuse(400, "bad HTTP request: a request starts where the last one has not ended")
+        self._started = True
+
+    def on_headers_complete(self) -> None:
+        head = self._head
+        if head is None or self._head_read:  # llhttp ends a head before this reader sees its end
+            raise self._refuse(400, "bad HTTP request: its head does not end where it should")
+        self._head_read = True
+        if self._parser.should_upgrade() and (head.headers.get("content-length", "0") != "0"
+                                              or "transfer-encoding" in head.headers):
+            # llhttp would leave the body unread, to be taken for the upgraded protocol's bytes.
+            raise self._refuse(400, "a request to Upgrade must not have a body")
+
+    def on_body(self, body: bytes) -> None:
+        self._body_size += len(body)
+        if self._body_size > self._max_body:
+            raise self._refuse(413, f"body is over the {self._max_body}-byte limit")
+        self._body.append(body)
+        self._progress = True
+
+    def on_message_complete(self) -> None:
+        self._complete = True
 
 
 def response(status: int, body: bytes, content_type: str = "application/json", *,
