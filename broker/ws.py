@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,7 @@ from wsproto.utilities import generate_accept_token
 
 import protocol as p
 from broker.http import error_response
+from broker.hub import MAX_REPLAY
 from broker.outbox import Outbox, OutboxState, OutboxStatistics
 from broker.sockio import receive_some
 
@@ -45,6 +47,34 @@ if TYPE_CHECKING:
 SERVER_NAME = "tokenfan/0.1.0"
 #: History read for one recovery, in units of ``outbox_limit``, before coalescing makes it fit.
 REPLAY_READ_FACTOR = 16
+#: History read (and coalesced) in one step of a recovery, before other clients get a turn.
+REPLAY_PAGE_BYTES = 256 * 1024
+
+
+class _ReplayPages:
+    """The pages of a recovery read so far: each coalesced page with the offset it starts after."""
+
+    __slots__ = ("pieces", "read", "size")
+
+    def __init__(self) -> None:
+        self.pieces: deque[tuple[int, bytes]] = deque()
+        self.size = 0  # bytes of the coalesced pages
+        self.read = 0  # bytes of history read for them
+
+    @property
+    def start(self) -> int:
+        return self.pieces[0][0]
+
+    def add(self, after: int, data: bytes) -> None:
+        self.pieces.append((after, data))
+        self.size += len(data)
+
+    def drop_oldest(self, room: int) -> None:
+        while self.pieces and self.size > room:
+            self.size -= len(self.pieces.popleft()[1])
+
+    def joined(self) -> bytes:
+        return b"".join(data for _, data in self.pieces)
 
 
 def bye_frames(code: p.Code, msg: str) -> bytes:
@@ -97,6 +127,7 @@ class WsConnection:
     """
 
     __slots__ = ("_last_heard", "_message", "_message_started", "_pub_allowance", "_pub_checked",
+                 "_replay_allowance", "_replay_checked",
                  "_writer_scope", "broker", "close_code", "decoder", "fd", "frames_received", "outbox",
                  "stream", "subscriptions", "ws")
 
@@ -125,6 +156,9 @@ class WsConnection:
         # Token bucket for client publications: client_publish_rate a second, bursts of as many.
         self._pub_allowance = config.client_publish_rate
         self._pub_checked = trio.current_time()
+        # Token bucket for replays: replay_rate bytes a second, bursts of one full recovery.
+        self._replay_allowance = float(REPLAY_READ_FACTOR * config.outbox_limit)
+        self._replay_checked = self._pub_checked
 
     def statistics(self) -> ConnectionStatistics:
         return ConnectionStatistics(subscriptions=len(self.subscriptions),
@@ -200,7 +234,7 @@ class WsConnection:
                 await self.outbox.run_writer()
             return False
         if upgrade.trailing:
-            self._receive(upgrade.trailing)
+            await self._receive(upgrade.trailing)
         return True
 
     async def _reject(self, status: int, message: str) -> None:
@@ -216,24 +250,24 @@ class WsConnection:
                 self.outbox.abort()
                 return
             self._last_heard = trio.current_time()
-            self._receive(data)
+            await self._receive(data)
         # Closing: keep reading (and discarding) so the peer's close frame is consumed.
         while await receive_some(self.fd):
             pass
 
-    def _receive(self, data: bytes) -> None:
+    async def _receive(self, data: bytes) -> None:
         ws = self.ws
         assert ws is not None
         try:
             ws.receive_data(data)
             for event in ws.events():
-                self._on_ws_event(event)
+                await self._on_ws_event(event)
                 if self.outbox.state is not OutboxState.OPEN:
                     return
         except WsRemoteProtocolError as exc:
             self.close(p.Code.BAD_FRAME, f"WebSocket protocol error: {exc}")
 
-    def _on_ws_event(self, event: wse.Event) -> None:
+    async def _on_ws_event(self, event: wse.Event) -> None:
         if isinstance(event, wse.BytesMessage):
             if not self._message and not event.message_finished:
                 self._message_started = trio.current_time()
@@ -247,7 +281,7 @@ class WsConnection:
                 message = bytes(self._message)
                 self.broker.memory.change(-len(message))
                 self._message.clear()
-                self._on_message(message)
+                await self._on_message(message)
         elif isinstance(event, wse.TextMessage):
             self.close(p.Code.BAD_FRAME, "text messages are not part of the protocol: send binary msgpack")
         elif isinstance(event, wse.Ping):
@@ -259,7 +293,7 @@ class WsConnection:
             self.outbox.close(self.ws.send(event.response()))
             self._limit_linger()
 
-    def _on_message(self, message: bytes) -> None:
+    async def _on_message(self, message: bytes) -> None:
         decoder = self.decoder
         decoder.feed(message)
         while True:
@@ -275,7 +309,10 @@ class WsConnection:
                 self.reply_urgent(p.Err(id=exc.id, code=exc.code, msg=exc.msg))
                 continue
             self.frames_received += 1
-            self._handle(frame)
+            if isinstance(frame, p.Sub):
+                await self._subscribe(frame)
+            else:
+                self._handle(frame)
             if self.outbox.state is not OutboxState.OPEN:
                 return
 
@@ -289,20 +326,16 @@ class WsConnection:
         """Queue a reply that no queued publication needs to precede, ahead of a backlog."""
         self.outbox.offer_urgent(p.ws_frame(p.encode(frame)))
 
-    def _fit_replay(self, frames: list[bytes]) -> bytes | None:
-        """The replayed frames joined, coalesced if large; None if they cannot fill less than half
-        the send buffer (a replay that overflowed it would only end in another reconnect)."""
-        budget = self.broker.config.outbox_limit // 2
+    def _fit_replay(self, frames: list[bytes], room: int) -> bytes | None:
+        """The replayed frames joined, coalesced if large; None if they do not fit in ``room`` bytes."""
         joined = b"".join(frames)
-        if len(joined) > budget // 2:
+        if len(joined) > room // 2:
             joined = b"".join(self.broker.backlog.shrink([joined], drop=False))
-        return joined if len(joined) <= budget else None
+        return joined if len(joined) <= room else None
 
     def _handle(self, frame: p.Frame) -> None:
         broker = self.broker
-        if isinstance(frame, p.Sub):
-            self._subscribe(frame)
-        elif isinstance(frame, p.Unsub):
+        if isinstance(frame, p.Unsub):
             # In order: no ev of the channel may follow this ok.
             if frame.ch not in self.subscriptions:
                 self.reply(p.Err(id=frame.id, code=p.Code.NOT_SUBSCRIBED,
@@ -350,8 +383,13 @@ class WsConnection:
                                             f"{config.max_client_data} (max_client_data)")
         return None
 
-    def _subscribe(self, frame: p.Sub) -> None:
-        """Join the channel, then send ``ok`` and any replay in one offer, before anything live."""
+    async def _subscribe(self, frame: p.Sub) -> None:
+        """Join the channel, then send ``ok`` and any replay in one offer, before anything live.
+
+        A recovery's replay is read page by page (:meth:`_read_replay`), each page charged to
+        this connection; the last page is read in the same synchronous step as joining the live
+        stream, so every publication still arrives exactly once.
+        """
         limit = self.broker.config.max_subscriptions
         if frame.ch in self.subscriptions:
             self.reply_urgent(p.Err(id=frame.id, code=p.Code.ALREADY_SUBSCRIBED,
@@ -366,13 +404,76 @@ class WsConnection:
                                     msg="the broker is near its memory_limit and builds no replay now; "
                                         "retry later"))
             return
+        room = self.broker.config.outbox_limit // 2  # a replay that fills more would end in a reconnect
+        since, earlier, complete = frame.since, _ReplayPages(), True
+        if since is not None:
+            since, earlier, complete = await self._read_replay(frame.ch, since, room)
+            if self.outbox.state is not OutboxState.OPEN:
+                return
         read_limit = REPLAY_READ_FACTOR * self.broker.config.outbox_limit
-        joined = self.broker.hub.subscribe(frame.ch, self.outbox, since=frame.since,
-                                           max_replay_bytes=read_limit, fit=self._fit_replay)
+        joined = self.broker.hub.subscribe(
+            frame.ch, self.outbox, since=since, max_replay_bytes=read_limit,
+            fit=lambda frames: self._fit_replay(frames, room - earlier.size))
         self.subscriptions.add(frame.ch)
-        ok = p.ws_frame(p.encode(p.Ok(id=frame.id, ch=frame.ch, o=joined.after, ep=joined.epoch,
-                                      recovered=joined.recovered)))
-        self.outbox.offer(ok + joined.replay if joined.replay else ok)
+        after, replay, recovered = joined.after, joined.replay, joined.recovered
+        if earlier.pieces and joined.recovered:
+            # The pages read before join up with the last one: the replay starts at the first.
+            after, replay = earlier.start, earlier.joined() + joined.replay
+            recovered = complete and joined.recovered
+        ok = p.ws_frame(p.encode(p.Ok(id=frame.id, ch=frame.ch, o=after, ep=joined.epoch,
+                                      recovered=recovered)))
+        self.outbox.offer(ok + replay if replay else ok)
+
+    async def _read_replay(self, channel: str, since: p.Position,
+                           room: int) -> tuple[p.Position, _ReplayPages, bool]:
+        """Read a recovery's history up to its last page, in steps of :data:`REPLAY_PAGE_BYTES`.
+
+        Each page is charged to this connection's replay allowance (``replay_rate``; past it,
+        this connection waits and nobody else does), coalesced, and kept if the whole replay
+        still fits in ``room`` (a catch-up keeps the newest pages that fit; an exact recovery
+        that cannot fit stops, and its last step says ``recovered: false``). Returns the position
+        to read the rest from (with the epoch pinned), the pages read, and whether nothing was
+        skipped.
+        """
+        engine, backlog = self.broker.engine, self.broker.backlog
+        pages = _ReplayPages()
+        after, epoch, complete = since.o, since.ep, True
+        read_limit = REPLAY_READ_FACTOR * self.broker.config.outbox_limit
+        while True:
+            page = engine.since(channel, after=after, epoch=epoch, limit=MAX_REPLAY,
+                                max_bytes=REPLAY_PAGE_BYTES)
+            if not page.more or (since.ep is not None and not page.recovered):
+                break  # the rest (or the refusal) comes with joining the stream
+            epoch = epoch or page.epoch  # a catch-up goes on in the epoch it started in
+            complete = complete and page.recovered
+            read = sum(len(frame) for frame in page.frames)
+            await self._charge_replay(read)
+            if self.outbox.state is not OutboxState.OPEN:
+                break
+            pages.add(page.after, b"".join(backlog.shrink(list(page.frames), drop=False)))
+            pages.read += read
+            after = page.last
+            if pages.size > room or pages.read > read_limit:
+                if since.ep is not None:
+                    return p.Position(o=since.o, ep=since.ep), _ReplayPages(), False  # cannot fit
+                complete = False
+                pages.drop_oldest(room)
+        if since.ep is None and epoch is None:
+            return since, pages, complete
+        return p.Position(o=after, ep=epoch or since.ep), pages, complete
+
+    async def _charge_replay(self, size: int) -> None:
+        """Spend ``size`` bytes of this connection's replay allowance, waiting while it is overdrawn."""
+        rate = self.broker.config.replay_rate
+        now = trio.current_time()
+        burst = REPLAY_READ_FACTOR * self.broker.config.outbox_limit
+        self._replay_allowance = min(burst, self._replay_allowance + (now - self._replay_checked) * rate)
+        self._replay_checked = now
+        self._replay_allowance -= size
+        if self._replay_allowance < 0:
+            await trio.sleep(-self._replay_allowance / rate)
+        else:
+            await trio.lowlevel.checkpoint()  # one page per turn: others run between pages
 
     def __repr__(self) -> str:
         return f"<WsConnection subscriptions={len(self.subscriptions)} {self.outbox.state.value}>"
