@@ -99,6 +99,11 @@ class _Session:
     turns: list[ChatMessage] = field(default_factory=list)
     last_used: float = 0.0
     generation: Generation | None = None
+    size: int = 0  #: bytes its turns hold, as charged to the broker's memory budget
+
+
+#: What a remembered turn costs beyond its text (the message object, the string's header).
+TURN_OVERHEAD = 128
 
 
 def parse_chat_request(payload: object) -> ChatRequest:
@@ -186,7 +191,7 @@ class AiService:
                 oldest = next(iter(self._sessions))
                 if self._sessions[oldest].generation is not None:
                     break
-                del self._sessions[oldest]
+                self._forget(oldest)
         self._sessions.move_to_end(request.session_id)
         session.last_used = trio.current_time()
         generation = session.generation = Generation(channel=request.channel)
@@ -224,7 +229,11 @@ class AiService:
             name, session = next(iter(self._sessions.items()))
             if session.generation is not None or now - session.last_used < SESSION_TTL:
                 return
-            del self._sessions[name]
+            self._forget(name)
+
+    def _forget(self, session_id: str) -> None:
+        session = self._sessions.pop(session_id)
+        self._broker.memory.change(-session.size)
 
     async def _generate(self, request: ChatRequest, session: _Session, provider: Provider,
                         generation: Generation) -> None:
@@ -316,14 +325,17 @@ class AiService:
             data["ts"] = time.monotonic()  # CLOCK_MONOTONIC, as the bench's swarm reads it
         self._broker.emit(channel, "ai:token", data)
 
-    @staticmethod
-    def _remember(session: _Session, question: str, answer: str) -> None:
+    def _remember(self, session: _Session, question: str, answer: str) -> None:
+        """Keep a turn of the conversation (the oldest go past the caps), charged to ``memory_limit``."""
         turns = session.turns
         turns.append(ChatMessage(role="user", content=question))
         turns.append(ChatMessage(role="assistant", content=answer))
         while turns and (len(turns) > MAX_TURNS
                          or sum(len(t.content) for t in turns) > MAX_CONVERSATION_BYTES):
             del turns[:2]
+        size = sum(len(t.content) + TURN_OVERHEAD for t in turns)
+        self._broker.memory.change(size - session.size)
+        session.size = size
 
 
 def _check_piece(piece: object) -> bool:

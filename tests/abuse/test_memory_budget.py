@@ -87,3 +87,17 @@ async def test_large_requests_are_refused_while_over_the_limit(
         assert sub.recovered
     status, body = await trio.to_thread.run_sync(http_json, f"{base}/api/history?channel=ai-chat/h")
     assert status == 200 and len(body["publications"]) == 2
+
+
+async def test_ai_conversations_are_charged_to_the_budget(start_broker: StartBroker) -> None:
+    from broker.ai.sessions import SESSION_TTL
+
+    broker = await start_broker(ai_demo_tokens_per_second=5000)
+    base = f"http://127.0.0.1:{broker.port}"
+    status, body = await trio.to_thread.run_sync(http_json, f"{base}/ai/chat",
+                                                 {"message": "remember me " * 100, "sessionId": "mem"})
+    assert status == 200, body
+    [question, answer] = broker.ai.conversation("mem")
+    assert broker.memory.used >= len(question.content) + len(answer.content)
+    broker.ai.expire(trio.current_time() + SESSION_TTL + 1)
+    assert broker.ai.conversation("mem") == [] and broker.memory.used == 0
