@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import random
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -10,11 +12,21 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import protocol as p
 from broker import Broker, ChannelOptions, EmitError
 from broker.client import Event, Subscribed, Subscription, connect
-from broker.history import MemoryEngine
+from broker.history import (
+    _RECORD,
+    EXPIRY_MIN_STEP,
+    EXPIRY_STEPS,
+    SLOT_COST,
+    STREAM_COST,
+    EngineStatistics,
+    MemoryEngine,
+)
 from tests.broker.conftest import StartBroker, http_json, ws_url
 
 
@@ -237,3 +249,187 @@ async def test_history_api_names_bad_queries(broker: Broker, query: str, message
         http_json, f"http://127.0.0.1:{broker.port}/api/history{query}")
     assert status == 400
     assert message in str(body["error"])
+
+
+# -- the memory engine at any number of channels (issue 13, finding 1) ------------------------
+
+
+def _engine(max_bytes: int = 1 << 30, **options: Any) -> MemoryEngine:
+    channel_options = ChannelOptions(**{"history_size": 10, "history_ttl": 10.0, **options})
+    return MemoryEngine(lambda name: channel_options, max_bytes=max_bytes)
+
+
+def _check(engine: MemoryEngine, now: float | None = None) -> None:
+    """Every running total equals a count made the slow way; the order and expiry structures
+    hold exactly the streams with history."""
+    streams = engine._streams
+    with_history = [s for s in streams.values() if s.kept]
+    charged = sum(STREAM_COST + sys.getsizeof(s.name) + s.kept * SLOT_COST + len(s.data) * 9 // 8
+                  for s in with_history)
+    stats = engine.statistics()
+    assert (stats.streams, stats.histories) == (len(streams), len(with_history))
+    assert (stats.kept, stats.bytes) == (sum(s.kept for s in with_history), charged)
+    assert stats.bytes <= engine._max_bytes
+    for s in streams.values():  # the records: ends rising to the last frame's, times in order
+        records = list(_RECORD.iter_unpack(s.meta))
+        assert [e for e, _ in records] == sorted(e for e, _ in records)
+        assert [t for _, t in records] == sorted(t for _, t in records)
+        assert not records or records[-1][0] - records[0][0] <= len(s.data) <= records[-1][0]
+    assert all(s.holds > 0 for s in streams.values() if not s.kept)  # nothing left for nobody
+    # The publish-order ring: the streams with history, least recently published first.
+    ring, node = [], engine._lru.newer
+    while node is not engine._lru:
+        assert node is not None and node.newer is not None and node.newer.older is node
+        ring.append(node)
+        node = node.newer
+    assert sorted(map(id, ring)) == sorted(map(id, with_history))
+    last_times = [_RECORD.unpack_from(s.meta, len(s.meta) - 16)[1] for s in ring]
+    assert last_times == sorted(last_times)
+    # Each stream with history is filed in one expiry bucket, no later than its oldest deadline
+    # (unless it never expires).
+    filed = {id(s): key for key, bucket in engine._buckets.items() for s in bucket}
+    expiring = [s for s in with_history if math.isfinite(s.options.history_ttl)]
+    assert len(filed) == sum(len(b) for b in engine._buckets.values()) == len(expiring)
+    for key, bucket in engine._buckets.items():
+        assert all(bucket[s.slot] is s and s.bucket is bucket for s in bucket)
+        assert key in engine._due
+    for s in expiring:
+        assert filed[id(s)] <= s.oldest_time() + s.options.history_ttl + EXPIRY_MIN_STEP
+    if now is not None:  # swept at ``now``: nothing older than its TTL (and a bucket's span) is left
+        assert all(s.oldest_time() >= now - s.options.history_ttl - EXPIRY_MIN_STEP for s in with_history)
+
+
+def _sweep(engine: MemoryEngine, now: float, budget: int = 1000) -> int:
+    """Expire at ``now`` the way the broker does; return how many calls it took."""
+    calls = 1
+    while engine.expire(now, budget=budget):
+        calls += 1
+    return calls
+
+
+def test_the_cap_trims_the_least_recently_published_streams_first() -> None:
+    engine = _engine()
+    cost = [engine.publish(f"c/{i}", "e", "x" * 20, persist=True, now=0.0) for i in range(5)]
+    one = STREAM_COST + sys.getsizeof("c/0") + SLOT_COST + len(cost[0].frame) * 9 // 8
+    assert engine.statistics().bytes == 5 * one
+    engine._max_bytes = 5 * one
+    engine.publish("c/0", "e", "x" * 20, persist=True, now=1.0)  # c/0 is now the newest
+    assert [engine.position(f"c/{i}")[1] for i in range(5)] == [2, 0, 1, 1, 1]  # c/1 forgotten
+    engine.publish("c/5", "e", "x" * 20, persist=True, now=2.0)
+    assert [engine.position(f"c/{i}")[1] for i in range(6)] == [2, 0, 0, 1, 1, 1]
+    stats = engine.statistics()
+    assert (stats.trimmed_for_bytes, stats.histories) == (2, 4)
+    _check(engine)
+
+
+def test_a_held_stream_keeps_its_position_but_is_not_charged_without_history() -> None:
+    engine = _engine(max_bytes=2000)
+    engine.hold("h/1")
+    engine.hold("n/1")
+    assert engine.statistics().bytes == 0  # held without history: charged to the subscriptions
+    first = engine.publish("h/1", "e", "a", persist=True, now=0.0)
+    assert engine.statistics().histories == 1
+    for i in range(20):  # other channels push h/1's history out
+        engine.publish(f"o/{i}", "e", "b" * 100, persist=True, now=1.0)
+        _check(engine)
+    assert engine.position("h/1") == (first.epoch, 1)
+    assert engine.since("h/1", after=0, epoch=first.epoch, limit=10, max_bytes=1 << 20).recovered is False
+    assert engine.publish("h/1", "e", "c", persist=True, now=2.0).offset == 2  # same epoch, next offset
+    engine.release("h/1")
+    assert engine.position("h/1")[1] == 2  # still has history
+    engine.release("n/1")
+    assert engine.position("n/1") == ("", 0)
+    _check(engine)
+
+
+def test_data_that_cannot_be_encoded_leaves_no_stream() -> None:
+    engine = _engine()
+    with pytest.raises(p.LocalProtocolError):
+        engine.publish("c/1", "e", 1 << 70, persist=True, now=0.0)
+    assert engine.statistics().streams == 0
+
+
+def test_expiry_looks_at_a_budget_of_streams_per_call() -> None:
+    engine = _engine(history_ttl=5.0)
+    for i in range(5000):
+        engine.publish(f"c/{i}", "e", i, persist=True, now=i / 5000)  # all due within a second
+    assert not engine.expire(4.0, budget=100)  # nothing due yet
+    assert engine.statistics().kept == 5000
+    assert _sweep(engine, 7.0, budget=1000) == 5  # five full batches
+    assert engine.statistics() == EngineStatistics(streams=0, histories=0, kept=0, bytes=0,
+                                                   trimmed_for_bytes=0)
+    _check(engine)
+
+
+def test_expiry_is_late_by_at_most_a_bucket_span() -> None:
+    engine = _engine(history_ttl=10.0, history_size=100)
+    for t in range(40):
+        engine.publish("c", "e", t, persist=True, now=t / 4)  # one every 0.25 s, for 10 s
+    _check(engine)
+    for now in (10.0, 12.3, 15.0, 19.74):
+        _sweep(engine, now)
+        kept = [t for _, t in _RECORD.iter_unpack(engine._streams["c"].meta)]
+        assert kept[0] >= now - 10.0 - EXPIRY_MIN_STEP  # the expired ones are gone
+        assert len(kept) >= sum(1 for t in range(40) if t / 4 >= now - 10.0)  # no live one is
+        _check(engine, now)
+    _sweep(engine, 20.0 + EXPIRY_MIN_STEP)
+    assert engine.statistics().streams == 0
+
+
+def test_a_long_ttl_uses_few_expiry_buckets_and_an_infinite_one_none() -> None:
+    engine = MemoryEngine(lambda name: ChannelOptions(history_size=10, history_ttl=(
+        math.inf if name.startswith("inf") else 30 * 86400.0)), max_bytes=1 << 30)
+    for i in range(20_000):
+        engine.publish(f"c/{i}", "e", i, persist=True, now=float(i * 60))  # a minute apart, two weeks
+        engine.publish(f"inf/{i}", "e", i, persist=True, now=float(i * 60))
+    assert len(engine._buckets) <= EXPIRY_STEPS + 1
+    _sweep(engine, 1e9)
+    assert engine.statistics().histories == 20_000  # the infinite ones
+    _check(engine)
+
+
+def test_the_streams_table_shrinks_after_a_mass_expiry() -> None:
+    engine = _engine(history_ttl=1.0)
+    for i in range(100_000):
+        engine.publish(f"c/{i}", "e", i, persist=True, now=0.0)
+    engine.publish("late", "e", 1, persist=True, now=10.0)
+    big = sys.getsizeof(engine._streams)
+    _sweep(engine, 5.0)
+    assert engine.statistics().streams == 1
+    assert sys.getsizeof(engine._streams) < big / 100
+
+
+@given(st.lists(st.tuples(st.sampled_from(["pub", "keep", "skip", "hold", "release", "sweep"]),
+                          st.integers(0, 7), st.integers(0, 300)), max_size=200),
+       st.integers(300, 4000), st.integers(1, 5))
+@settings(max_examples=150, deadline=None)
+def test_random_operations_keep_every_total_and_structure_exact(
+        ops: list[tuple[str, int, int]], max_bytes: int, budget: int) -> None:
+    options = {"a": ChannelOptions(history_size=3, history_ttl=2.0),
+               "b": ChannelOptions(history_size=50, history_ttl=30.0),
+               "n": ChannelOptions()}
+    engine = MemoryEngine(lambda name: options[name[0]], max_bytes=max_bytes)
+    holds: dict[str, int] = {}
+    now = 0.0
+    for op, index, size in ops:
+        channel = f"{'abn'[index % 3]}/{index}"
+        now += size / 100
+        if op in ("pub", "keep", "skip"):
+            persist = op != "skip" and options[channel[0]].persist
+            epoch, top = engine.position(channel)
+            stored = engine.publish(channel, "e", "x" * size, persist=persist, now=now)
+            assert stored.offset == top + 1 and (top == 0 or stored.epoch == epoch)
+        elif op == "hold":
+            engine.hold(channel)
+            holds[channel] = holds.get(channel, 0) + 1
+        elif op == "release" and holds.get(channel):
+            engine.release(channel)
+            holds[channel] -= 1
+        elif op == "sweep":
+            _sweep(engine, now, budget)
+            _check(engine, now)
+        _check(engine)
+        assert all(engine.position(c)[0] for c, n in holds.items() if n)  # held streams are kept
+    _sweep(engine, now + 100)
+    _check(engine, now + 100)
+    assert engine.statistics().kept == 0
