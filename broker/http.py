@@ -34,6 +34,7 @@ import trio
 from broker import cors
 from broker.ai.sessions import ChatRejected, parse_chat_request, result_body
 from broker.httpwire import CONTINUE, HttpError, Request, RequestHead, RequestReader, response
+from broker.memory import MemoryBudget
 from broker.sockio import receive_some
 from broker.static import STATIC_FILES
 from protocol import LocalProtocolError, channel_problem, data_problem, event_problem, split_ws_frames
@@ -375,12 +376,20 @@ class _Connection:
     request deadline while its answer does not drain).
     """
 
-    def __init__(self, stream: trio.SocketStream, max_body: int) -> None:
+    def __init__(self, stream: trio.SocketStream, max_body: int, memory: MemoryBudget) -> None:
         self.stream = stream
         self.fd = stream.socket.fileno()
         self.reader = RequestReader(max_head=_MAX_HEAD, max_body=max_body)
         self.out: list[bytes] = []
         self.queued = 0
+        self.memory = memory
+        self.charged = 0  # bytes of requests being read, as charged to the memory budget
+
+    def charge(self) -> None:
+        """Tell the memory budget how much of the client's requests this connection holds now."""
+        held = self.reader.held
+        self.memory.change(held - self.charged)
+        self.charged = held
 
     def answer(self, reply: bytes) -> None:
         self.out.append(reply)
@@ -399,6 +408,7 @@ class _Connection:
         while True:
             request = reader.next_request()
             if request is not None:
+                self.charge()
                 return request
             if reader.expects_continue:
                 self.answer(CONTINUE)
@@ -410,17 +420,20 @@ class _Connection:
                     return None
                 raise HttpError(400, "connection closed in the middle of a request")
             reader.feed(data)
+            self.charge()
 
 
 async def serve_http(broker: Broker, stream: trio.SocketStream) -> Upgrade | None:
     """Answer HTTP requests on ``stream``; return the WebSocket upgrade request if one comes."""
     config = broker.config
-    conn = _Connection(stream, config.max_body_size)
+    conn = _Connection(stream, config.max_body_size, broker.memory)
     try:
         upgrade = await _serve(broker, conn)
     except HttpError as exc:
         conn.answer(error_response(exc.status, exc.message, close=True))
         upgrade = None
+    finally:
+        broker.memory.change(-conn.charged)
     # Whatever is still queued goes out before the connection is handed over or closed.
     with trio.move_on_after(config.shutdown_timeout):
         await conn.flush()

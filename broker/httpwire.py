@@ -153,6 +153,11 @@ class RequestReader:
         return bytes(self._buffer[self._fed:])
 
     @property
+    def held(self) -> int:
+        """Bytes this reader holds now: received and not yet taken out, the body being read included."""
+        return len(self._buffer) + self._body_size
+
+    @property
     def idle(self) -> bool:
         """True between requests with nothing buffered."""
         return self._state == _HEAD and not self._buffer

@@ -3,7 +3,8 @@
 What a client can make the broker keep is counted here as it happens, never
 by walking connections: the bytes waiting in send buffers (publications,
 replays, replies: :class:`~broker.outbox.Outbox` reports every change), the
-unfinished WebSocket messages being assembled, and the AI conversations kept
+unfinished WebSocket messages being assembled, the HTTP requests being read,
+and the AI conversations kept
 for follow-ups. History has its own cap (``history_max_bytes``) beside this one.
 
 Past the limit two things happen:

@@ -101,3 +101,17 @@ async def test_ai_conversations_are_charged_to_the_budget(start_broker: StartBro
     assert broker.memory.used >= len(question.content) + len(answer.content)
     broker.ai.expire(trio.current_time() + SESSION_TTL + 1)
     assert broker.ai.conversation("mem") == [] and broker.memory.used == 0
+
+
+async def test_http_bodies_being_read_are_charged_to_the_budget(start_broker: StartBroker) -> None:
+    broker = await start_broker()
+    stream = await trio.open_tcp_stream("127.0.0.1", broker.port)
+    await stream.send_all(b"POST /api/emit HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 1000000\r\n\r\n" + b" " * 900_000)
+    with trio.fail_after(5):
+        while broker.memory.used < 900_000:  # noqa: ASYNC110 (a test polling the broker's state)
+            await trio.sleep(0.01)
+    await stream.aclose()
+    with trio.fail_after(5):
+        while broker.memory.used:  # noqa: ASYNC110
+            await trio.sleep(0.01)
