@@ -1,10 +1,11 @@
 """``python -m bench``: load scenarios against tokenfan and its peers.
 
     python -m bench run SCENARIO --target T [--subscribers N] [--tokens M] [--rate R] [--json FILE]
+    python -m bench run history-scale [--scales 10000,100000,1000000,2000000]
     python -m bench compare [--quick] --out DIR
 
-Scenarios: burst, paced, slow, channels, churn, idle, ai. Targets: tokenfan, websockets,
-picows, trio-websocket, sse.
+Scenarios: burst, paced, slow, channels, churn, idle, ai, history-scale (tokenfan only).
+Targets: tokenfan, websockets, picows, trio-websocket, sse.
 """
 
 from __future__ import annotations
@@ -28,6 +29,16 @@ def _positive(kind: type[int] | type[float]):  # type: ignore[no-untyped-def]
     return parse
 
 
+def _scales(text: str) -> tuple[int, ...]:
+    try:
+        scales = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected counts such as 10000,100000, got {text}") from None
+    if not scales or min(scales) < 100:
+        raise argparse.ArgumentTypeError(f"channel counts must be at least 100, got {text}")
+    return scales
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--slow-ms", type=float, default=0.0, help="how long they pause, in ms")
     run.add_argument("--churn", type=float, default=0.0,
                      help="subscribers per second that leave and are replaced mid-stream")
+    run.add_argument("--scales", type=_scales, default=(),
+                     help="history-scale: channel counts, comma-separated (default: 10k, 100k, 1M, 2M)")
     run.add_argument("--time-limit", type=_positive(float), default=120.0)
     run.add_argument("--json", help="append the result as one JSON line to this file")
 
@@ -72,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     params = scenarios.Params(
         scenario=args.scenario, target=args.target, subscribers=args.subscribers, tokens=args.tokens,
         rate=args.rate, channels=args.channels, batching=not args.no_batching,
-        slow_share=args.slow_share, slow_ms=args.slow_ms, churn=args.churn, time_limit=args.time_limit)
+        slow_share=args.slow_share, slow_ms=args.slow_ms, churn=args.churn, time_limit=args.time_limit,
+        scales=args.scales)
     with ProgressBar(f"{args.scenario}/{args.target}") as bar:
         result = scenarios.SCENARIOS[args.scenario](params, bar.update)
     line = json.dumps({k: v for k, v in result.items() if k != "latency_cdf_ms"})

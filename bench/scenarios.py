@@ -1,4 +1,4 @@
-"""Load scenarios. Each starts a target process and the C swarm, drives an emitter, returns a result.
+"""Load scenarios. Each starts a target process (and most the C swarm), drives an emitter, returns a result.
 
 Every loop here is bounded in count and in time, talks only to loopback, and
 stops the processes it started. The target runs pinned to core 0; the swarm
@@ -7,8 +7,10 @@ and this process (the emitter) share core 1.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -42,6 +44,7 @@ class Params:
     slow_ms: float = 0.0
     churn: float = 0.0  #: subscribers per second that leave and are replaced mid-stream
     time_limit: float = 120.0
+    scales: tuple[int, ...] = ()  #: history-scale: channel counts (default :data:`HISTORY_SCALES`)
 
 
 @contextmanager
@@ -184,6 +187,178 @@ def ai(params: Params, progress: Progress | None = None) -> dict[str, Any]:
         return summary
 
 
+#: Channel counts ``history-scale`` measures at (``--scales`` picks others).
+HISTORY_SCALES = (10_000, 100_000, 1_000_000, 2_000_000)
+#: Single emits timed one by one at each scale, each to a new channel.
+HISTORY_EMITS = 2000
+#: Single emits pipelined (64 in flight) at each scale, each to a new channel: the broker's CPU per emit.
+HISTORY_PIPELINED = 20_000
+_HISTORY_BATCH = 1000  # events per pipelined POST /api/emit/batch while filling
+MiB = 1024 * 1024
+
+
+def history_scale(params: Params, progress: Progress | None = None) -> dict[str, Any]:
+    """History at many channels (issue 13, finding 1): for each scale N, a broker whose
+    ``history_max_bytes`` holds about N channels of one small publication; 1.05 N channels
+    made through pipelined batch emits, so the cap is reached and every later one trims the
+    least recently published; then :data:`HISTORY_EMITS` emits to new channels, timed one by
+    one, and :data:`HISTORY_PIPELINED` more pipelined for the broker's CPU per emit; and the RSS
+    the history added, against the bytes history accounts for."""
+    scales = params.scales or HISTORY_SCALES
+    total = sum(scales) * 1.05
+    done = 0.0
+    rows = []
+    with _harness():
+        for count in scales:
+            def step(fraction: float, base: float = done, count: int = count) -> None:
+                if progress is not None:
+                    progress(min((base + fraction * count * 1.05) / total, 1.0))
+            rows.append(_history_at(count, params.time_limit, step))
+            done += count * 1.05
+    first, last = rows[0], rows[-1]
+    ratios = [row["rss_over_accounted"] for row in rows]
+    return {"scenario": "history-scale", "target": "tokenfan", "scales": rows,
+            # From the smallest scale to the largest: 1.0 is flat.
+            "emit_p99_growth": round(last["emit_p99_ms"] / first["emit_p99_ms"], 2),
+            "emit_cpu_growth": round(last["pipelined_emit_cpu_us"] / first["pipelined_emit_cpu_us"], 2),
+            "rss_over_accounted_range": [min(ratios), max(ratios)],
+            "ok": all(row["ok"] for row in rows)}
+
+
+def _history_at(count: int, time_limit: float, progress: Progress) -> dict[str, Any]:
+    from broker.history import stream_charge
+    from protocol import encode_event, ws_frame
+
+    names = (f"ai-chat/h{i:08d}" for i in range(int(count * 1.05)))
+    sample = "ai-chat/h00000000"
+    frame = len(ws_frame(encode_event(sample, "ai:token", {"token": "t"}, 1)))
+    cap = count * stream_charge(sample, 1, frame)
+    with ExitStack() as stack:
+        broker = start_target("tokenfan", env={"TOKENFAN_HISTORY_MAX_BYTES": str(cap)}, cpu=0)
+        stack.callback(broker.stop)
+        time.sleep(0.3)
+        base_rss = broker.rss_mib()
+        sock = socket.create_connection((HOST, broker.port), timeout=30)
+        stack.callback(sock.close)
+        started = time.monotonic()
+        filled, batches = _fill(sock, names, int(count * 1.05), started + time_limit, progress)
+        fill_s = time.monotonic() - started
+        health = _health(broker.port)
+        rss = broker.rss_mib()
+        latencies = _single_emits(sock, HISTORY_EMITS)
+        emitter = HttpEmitter(HOST, broker.port, [f"ai-chat/p{i:08d}" for i in range(HISTORY_PIPELINED)])
+        stack.callback(emitter.close)
+        cpu0 = broker.cpu_seconds()
+        while emitter.acked < HISTORY_PIPELINED and time.monotonic() < started + 2 * time_limit:
+            emitter.queue(HISTORY_PIPELINED - emitter.sent)
+            emitter.pump()
+            emitter.wait_readable(0.001)
+        emit_cpu = (broker.cpu_seconds() - cpu0) / HISTORY_PIPELINED
+        health_started = time.monotonic()
+        _health(broker.port)
+        health_ms = (time.monotonic() - health_started) * 1000
+        sock.close()
+        stop_started = time.monotonic()
+        code = broker.stop()
+        stop_s = time.monotonic() - stop_started
+    kept = int(health["history_publications"])
+    accounted = int(health["history_bytes"])
+    grown = (rss - base_rss) * MiB
+    latencies.sort()
+    return {
+        "channels": count, "history_max_bytes": cap, "filled": filled, "fill_s": round(fill_s, 1),
+        # A batch is 1,000 emits; the slowest also holds the broker's longest pause while filling
+        # (CPython's full garbage collections walk every stream).
+        "fill_batch_p50_ms": round(sorted(batches)[len(batches) // 2] * 1000, 1),
+        "fill_batch_max_ms": round(max(batches) * 1000, 1),
+        "channels_with_history": kept,
+        "emit_p50_ms": round(latencies[len(latencies) // 2] * 1000, 3),
+        "emit_p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 3),
+        "emit_max_ms": round(latencies[-1] * 1000, 3),
+        "pipelined_emit_cpu_us": round(emit_cpu * 1e6, 1),
+        "healthz_ms": round(health_ms, 2), "stop_s": round(stop_s, 2), "exit_code": code,
+        "rss_mib": round(rss, 1), "rss_per_channel": round(grown / kept) if kept else None,
+        "accounted_per_channel": round(accounted / kept) if kept else None,
+        "rss_over_accounted": round(grown / accounted, 3) if accounted else 0.0,
+        "ok": (filled == int(count * 1.05) and code == 0 and 0 < accounted <= cap
+               and emitter.acked == HISTORY_PIPELINED and emitter.errors == 0),
+    }
+
+
+def _fill(sock: socket.socket, names: Iterator[str], count: int, deadline: float,
+          progress: Progress) -> tuple[int, list[float]]:
+    """Emit one token on each of ``count`` channels in batches; return how many were answered
+    and each batch's round trip (seconds)."""
+    # One batch at a time (a connection whose next request is always in flight never has its
+    # request deadline, handshake_timeout, moved: it is cut after it).
+    answered = 0
+    times = []
+    reader = _Responses(sock)
+    while answered * _HISTORY_BATCH < count and time.monotonic() < deadline:
+        events = [{"channel": name, "event": "ai:token", "data": {"token": "t"}}
+                  for name in itertools.islice(names, _HISTORY_BATCH)]
+        request = _post("/api/emit/batch", {"events": events})
+        started = time.perf_counter()
+        sock.sendall(request)
+        if reader.next_status() != 200:
+            break
+        times.append(time.perf_counter() - started)
+        answered += 1
+        progress(min(answered * _HISTORY_BATCH, count) / count)
+    return min(answered * _HISTORY_BATCH, count), times
+
+
+def _single_emits(sock: socket.socket, count: int) -> list[float]:
+    """Emit to ``count`` new channels one at a time; each one's round trip, in seconds."""
+    reader = _Responses(sock)
+    latencies = []
+    for i in range(count):
+        request = _post("/api/emit", {"channel": f"ai-chat/e{i:08d}", "event": "ai:token",
+                                      "data": {"token": "t"}})
+        started = time.perf_counter()
+        sock.sendall(request)
+        if reader.next_status() != 200:
+            raise RuntimeError("an emit failed")
+        latencies.append(time.perf_counter() - started)
+    return latencies
+
+
+def _post(path: str, payload: object) -> bytes:
+    body = json.dumps(payload).encode()
+    return (f"POST {path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+class _Responses:
+    """Reads HTTP responses (with Content-Length) off a blocking socket, one at a time."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = bytearray()
+
+    def next_status(self) -> int:
+        while (end := self.buffer.find(b"\r\n\r\n")) < 0 or len(self.buffer) < end + 4 + self._length(end):
+            data = self.sock.recv(1 << 20)
+            if not data:
+                raise ConnectionError("the broker closed the connection")
+            self.buffer += data
+        status = int(self.buffer[9:12])
+        del self.buffer[:end + 4 + self._length(end)]
+        return status
+
+    def _length(self, end: int) -> int:
+        for line in bytes(self.buffer[:end]).lower().split(b"\r\n"):
+            if line.startswith(b"content-length:"):
+                return int(line.split(b":")[1])
+        return 0
+
+
+def _health(port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://{HOST}:{port}/healthz", timeout=30) as reply:
+        health: dict[str, Any] = json.load(reply)
+    return health
+
+
 def _summarize(params: Params, broker: BrokerProcess, swarm: dict[str, Any], *, cpu: float, wall: float,
                rss_per_conn_kib: float, emit_errors: int) -> dict[str, Any]:
     # The swarm knows what each subscription should have seen (churn changes it).
@@ -214,4 +389,5 @@ def _summarize(params: Params, broker: BrokerProcess, swarm: dict[str, Any], *, 
 
 SCENARIOS: dict[str, Callable[[Params, Progress | None], dict[str, Any]]] = {
     "burst": run, "paced": run, "slow": run, "channels": run, "churn": run, "idle": idle, "ai": ai,
+    "history-scale": history_scale,
 }

@@ -46,8 +46,8 @@ million (amortized over the publications it trims, each trimmed once).
 - *Frames*: a stream keeps its frames back to back in one buffer, so a
   publication costs no Python object of its own and a stream one, which is
   all CPython's garbage collector has to visit. (Its full collections still
-  visit every stream, about 0.3 µs each, once per 25% growth of long-lived
-  objects: constant per publication, but a pause proportional to the streams.)
+  visit every stream, once per 25% growth of long-lived objects: constant per
+  publication, but a pause that grows with the streams, 0.35 s at a million.)
 
 Accounting
 ----------
