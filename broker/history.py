@@ -68,6 +68,7 @@ import math
 import secrets
 import struct
 import sys
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -202,6 +203,9 @@ class Engine(Protocol):
 
     def statistics(self) -> EngineStatistics: ...
 
+
+#: Epochs of never-published streams remembered (each about 150 bytes), the oldest forgotten first.
+UNPUBLISHED_EPOCHS = 10_000
 
 #: A kept publication's record: where its frame ends, counting every frame byte the
 #: stream has kept in this incarnation (a placeholder's ends where the one before it
@@ -360,6 +364,17 @@ class MemoryEngine:
         self._kept = 0
         self._bytes = 0
         self._trimmed_for_bytes = 0
+        # Epochs of streams forgotten before their first publication (every subscriber left
+        # at once): nobody can have missed anything in them, so the channel's next stream takes
+        # its epoch back, and a client that reconnects at offset 0 of it recovers exactly.
+        self._unpublished: OrderedDict[str, str] = OrderedDict()
+
+    def _new_stream(self, channel: str, options: ChannelOptions) -> _Stream:
+        stream = self._streams[channel] = _Stream(channel, options)
+        epoch = self._unpublished.pop(channel, None)
+        if epoch is not None:
+            stream.epoch = epoch
+        return stream
 
     # -- the interface -------------------------------------------------------------
 
@@ -373,7 +388,7 @@ class MemoryEngine:
             if not (persist and options.history_size > 0):
                 # Nobody listens and nothing is kept: no stream to remember.
                 return Stored(offset=1, epoch=new_epoch(), frame=frame)
-            stream = self._streams[channel] = _Stream(channel, options)
+            stream = self._new_stream(channel, options)
         stream.top = offset
         if stream.options.history_size > 0:
             # Non-persisted publications keep a placeholder so offsets map to positions.
@@ -410,7 +425,7 @@ class MemoryEngine:
     def hold(self, channel: str) -> None:
         stream = self._streams.get(channel)
         if stream is None:
-            stream = self._streams[channel] = _Stream(channel, self._options(channel))
+            stream = self._new_stream(channel, self._options(channel))
         stream.holds += 1
 
     def release(self, channel: str) -> None:
@@ -420,6 +435,10 @@ class MemoryEngine:
         stream.holds -= 1
         if stream.holds <= 0 and stream.newer is None:  # no subscriber, no history
             del self._streams[channel]
+            if stream.top == 0:
+                self._unpublished[channel] = stream.epoch
+                if len(self._unpublished) > UNPUBLISHED_EPOCHS:
+                    self._unpublished.popitem(last=False)
 
     def expire(self, now: float, *, budget: int = 1000) -> bool:
         """Trim what has expired at ``now`` in at most ``budget`` streams; True if more are due."""

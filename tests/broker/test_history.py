@@ -433,3 +433,21 @@ def test_random_operations_keep_every_total_and_structure_exact(
     _sweep(engine, now + 100)
     _check(engine, now + 100)
     assert engine.statistics().kept == 0
+
+
+def test_a_stream_forgotten_before_its_first_publication_comes_back_in_its_epoch() -> None:
+    engine = MemoryEngine(lambda channel: ChannelOptions(history_size=10), max_bytes=1 << 20)
+    engine.hold("a")
+    epoch, _ = engine.position("a")
+    engine.release("a")  # every subscriber left before anything was published: forgotten
+    assert engine.position("a") == ("", 0)
+    engine.hold("a")
+    assert engine.position("a") == (epoch, 0)
+    engine.publish("a", "x", {}, persist=True, now=0.0)
+    replay = engine.since("a", after=0, epoch=epoch, limit=10, max_bytes=1 << 20)
+    assert replay.recovered and len(replay.frames) == 1
+    # Once something was published, a forgotten stream's epoch is never reused.
+    engine.release("a")
+    engine.expire(10_000.0)
+    engine.hold("a")
+    assert engine.position("a")[0] != epoch
