@@ -176,7 +176,7 @@ class Engine(Protocol):
         may be trimmed, or the answer is ``recovered=False`` with no frames.
         Without it, the answer is whatever history holds after ``after`` in the
         current epoch (``recovered`` says whether that is everything). At most
-        ``limit`` frames and ``max_bytes`` bytes: the oldest ones, or with
+        ``limit`` frames and ``max_bytes`` bytes (but always one frame, if there is one): the oldest, or with
         ``newest`` the newest (then ``after`` moves up and ``recovered`` is False).
         """
         ...
@@ -305,8 +305,10 @@ class _Stream:
         """Kept frames from the ``start``-th kept publication on: the oldest (or ``newest``) that fit.
 
         Returns the frames in order, how many publications they cover
-        (placeholders included) and whether some were left out. The work is
-        what is returned, wherever it starts.
+        (placeholders included) and whether some were left out. The first
+        frame is returned even if it alone is over ``max_bytes``, so a reader
+        that pages through always makes progress. The work is what is
+        returned, wherever it starts.
         """
         frames: list[bytes] = []
         size = count = 0
@@ -330,7 +332,7 @@ class _Stream:
                     end = high
                 length = high - low
                 if length:
-                    if len(frames) >= limit or size + length > max_bytes:
+                    if len(frames) >= limit or (frames and size + length > max_bytes):
                         more = True
                         break
                     frames.append(data[low - base:high - base].tobytes())

@@ -57,6 +57,11 @@ class RequestReader:
         return bytes(self._buffer)
 
     @property
+    def held(self) -> int:
+        """Bytes this reader holds now: received and not yet taken out, a decoded chunked body included."""
+        return len(self._buffer) + (len(self._chunks) if self._chunks is not None else 0)
+
+    @property
     def idle(self) -> bool:
         """True between requests with nothing buffered."""
         return self._head is None and not self._buffer

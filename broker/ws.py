@@ -69,9 +69,13 @@ class _ReplayPages:
         self.pieces.append((after, data))
         self.size += len(data)
 
-    def drop_oldest(self, room: int) -> None:
+    def drop_oldest(self, room: int) -> bool:
+        """Drop the oldest pages until the rest fit in ``room``; True if any were dropped."""
+        dropped = False
         while self.pieces and self.size > room:
             self.size -= len(self.pieces.popleft()[1])
+            dropped = True
+        return dropped
 
     def joined(self) -> bytes:
         return b"".join(data for _, data in self.pieces)
@@ -407,73 +411,90 @@ class WsConnection:
         room = self.broker.config.outbox_limit // 2  # a replay that fills more would end in a reconnect
         since, earlier, complete = frame.since, _ReplayPages(), True
         if since is not None:
-            since, earlier, complete = await self._read_replay(frame.ch, since, room)
+            since, earlier, complete = await self._read_replay(frame.ch, since)
             if self.outbox.state is not OutboxState.OPEN:
                 return
-        read_limit = REPLAY_READ_FACTOR * self.broker.config.outbox_limit
-        joined = self.broker.hub.subscribe(
-            frame.ch, self.outbox, since=since, max_replay_bytes=read_limit,
-            fit=lambda frames: self._fit_replay(frames, room - earlier.size))
+        hub = self.broker.hub
+        last: list[int] = [0]  # bytes of history the last step read
+
+        def fit(frames: list[bytes]) -> bytes | None:
+            last[0] = sum(len(frame) for frame in frames)
+            return self._fit_replay(frames, room)
+
+        # The last page (read again: no await since the loop looked at it) joins the live stream.
+        joined = hub.subscribe(frame.ch, self.outbox, since=since, max_replay_bytes=REPLAY_PAGE_BYTES,
+                               fit=fit)
         self.subscriptions.add(frame.ch)
+        self._spend_replay(last[0])
         after, replay, recovered = joined.after, joined.replay, joined.recovered
-        if earlier.pieces and joined.recovered:
-            # The pages read before join up with the last one: the replay starts at the first.
-            after, replay = earlier.start, earlier.joined() + joined.replay
-            recovered = complete and joined.recovered
+        if frame.since is not None:
+            recovered = recovered and complete
+            if earlier.pieces and joined.recovered:
+                if frame.since.ep is None:  # a catch-up keeps the newest that fit
+                    dropped = earlier.drop_oldest(room - len(replay))
+                    recovered = recovered and not dropped
+                if earlier.size + len(replay) <= room:
+                    after, replay = earlier.start, earlier.joined() + replay
+                else:  # an exact recovery that does not fit: nothing, and say so
+                    (_, after), replay, recovered = self.broker.engine.position(frame.ch), b"", False
         ok = p.ws_frame(p.encode(p.Ok(id=frame.id, ch=frame.ch, o=after, ep=joined.epoch,
                                       recovered=recovered)))
         self.outbox.offer(ok + replay if replay else ok)
 
-    async def _read_replay(self, channel: str, since: p.Position,
-                           room: int) -> tuple[p.Position, _ReplayPages, bool]:
+    async def _read_replay(self, channel: str,
+                           since: p.Position) -> tuple[p.Position | None, _ReplayPages, bool]:
         """Read a recovery's history up to its last page, in steps of :data:`REPLAY_PAGE_BYTES`.
 
-        Each page is charged to this connection's replay allowance (``replay_rate``; past it,
-        this connection waits and nobody else does), coalesced, and kept if the whole replay
-        still fits in ``room`` (a catch-up keeps the newest pages that fit; an exact recovery
-        that cannot fit stops, and its last step says ``recovered: false``). Returns the position
-        to read the rest from (with the epoch pinned), the pages read, and whether nothing was
-        skipped.
+        Before each step this connection waits until its replay allowance (``replay_rate``)
+        is not overdrawn, and each step spends what it read: past the rate this connection
+        waits, and nobody else does. Each page but the last is coalesced and kept; the last
+        is read again, in the same synchronous step, when the subscriber joins the live stream.
+        Returns the position to join from (the epoch pinned; None when an exact recovery cannot
+        fit, so it joins without a replay), the pages read, and whether nothing was skipped.
         """
         engine, backlog = self.broker.engine, self.broker.backlog
+        room = self.broker.config.outbox_limit // 2
+        read_limit = REPLAY_READ_FACTOR * self.broker.config.outbox_limit
         pages = _ReplayPages()
         after, epoch, complete = since.o, since.ep, True
-        read_limit = REPLAY_READ_FACTOR * self.broker.config.outbox_limit
         while True:
+            await self._await_replay_allowance()
+            if self.outbox.state is not OutboxState.OPEN:
+                break
             page = engine.since(channel, after=after, epoch=epoch, limit=MAX_REPLAY,
                                 max_bytes=REPLAY_PAGE_BYTES)
             if not page.more or (since.ep is not None and not page.recovered):
-                break  # the rest (or the refusal) comes with joining the stream
+                break  # the rest (or the refusal) comes with joining the stream: no await before
             epoch = epoch or page.epoch  # a catch-up goes on in the epoch it started in
             complete = complete and page.recovered
             read = sum(len(frame) for frame in page.frames)
-            await self._charge_replay(read)
-            if self.outbox.state is not OutboxState.OPEN:
-                break
+            self._spend_replay(read)
             pages.add(page.after, b"".join(backlog.shrink(list(page.frames), drop=False)))
             pages.read += read
             after = page.last
             if pages.size > room or pages.read > read_limit:
                 if since.ep is not None:
-                    return p.Position(o=since.o, ep=since.ep), _ReplayPages(), False  # cannot fit
-                complete = False
-                pages.drop_oldest(room)
+                    return None, _ReplayPages(), False  # an exact recovery that cannot fit
+                complete = complete and not pages.drop_oldest(room)
         if since.ep is None and epoch is None:
             return since, pages, complete
         return p.Position(o=after, ep=epoch or since.ep), pages, complete
 
-    async def _charge_replay(self, size: int) -> None:
-        """Spend ``size`` bytes of this connection's replay allowance, waiting while it is overdrawn."""
-        rate = self.broker.config.replay_rate
+    async def _await_replay_allowance(self) -> None:
+        """Wait while this connection's replay allowance is overdrawn (else just let others run)."""
+        config = self.broker.config
         now = trio.current_time()
-        burst = REPLAY_READ_FACTOR * self.broker.config.outbox_limit
-        self._replay_allowance = min(burst, self._replay_allowance + (now - self._replay_checked) * rate)
+        burst = REPLAY_READ_FACTOR * config.outbox_limit
+        self._replay_allowance = min(burst, self._replay_allowance + (now - self._replay_checked)
+                                     * config.replay_rate)
         self._replay_checked = now
-        self._replay_allowance -= size
         if self._replay_allowance < 0:
-            await trio.sleep(-self._replay_allowance / rate)
+            await trio.sleep(-self._replay_allowance / config.replay_rate)
         else:
-            await trio.lowlevel.checkpoint()  # one page per turn: others run between pages
+            await trio.lowlevel.checkpoint()
+
+    def _spend_replay(self, size: int) -> None:
+        self._replay_allowance -= size
 
     def __repr__(self) -> str:
         return f"<WsConnection subscriptions={len(self.subscriptions)} {self.outbox.state.value}>"

@@ -7,7 +7,10 @@ import socket
 import time
 import urllib.request
 
+import trio
+
 from tests.abuse.conftest import StartHostile
+from tests.broker.conftest import StartBroker
 
 MiB = 1024 * 1024
 
@@ -58,3 +61,31 @@ def test_pipelined_requests_on_a_connection_that_never_reads_hold_one_answer(
         assert received < 3 * 5 * MiB, f"{received / MiB:.0f} MiB of answers were sent"
     finally:
         attacker.close()
+
+
+async def test_a_publisher_that_always_has_a_request_in_flight_is_not_cut(start_broker: StartBroker) -> None:
+    """The request deadline restarts with each request, not only when the connection goes idle."""
+    broker = await start_broker(handshake_timeout=1)
+    body = b'{"channel": "news", "event": "x", "data": {}}'
+    emit = (b"POST /api/emit HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    stream = await trio.open_tcp_stream("127.0.0.1", broker.port)
+    answers = 0
+    async with stream:
+        await stream.send_all(emit * 2)
+        buffer = b""
+        with trio.move_on_after(2.5):
+            while True:
+                chunk = await stream.receive_some(65536)
+                assert chunk, f"the broker closed the connection after {answers} answers"
+                buffer += chunk
+                while b"\r\n\r\n" in buffer and buffer.count(b"}") >= 1:
+                    head, _, rest = buffer.partition(b"\r\n\r\n")
+                    length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+                    if len(rest) < length:
+                        break
+                    assert head.startswith(b"HTTP/1.1 200"), head
+                    buffer = rest[length:]
+                    answers += 1
+                    await stream.send_all(emit)  # the next one is always already on its way
+    assert answers > 20
