@@ -313,6 +313,7 @@ class Broker:
                     if accepted:
                         await connection.run()
                 finally:
+                    connection.dispose()
                     self.connections.discard(connection)
                     if not self.connections and self._shutdown.is_set():
                         self._drained.set()

@@ -180,11 +180,20 @@ class WsConnection:
                     await self.outbox.run_writer()
                 nursery.cancel_scope.cancel()
         finally:
-            for channel in self.subscriptions:
-                self.broker.hub.unsubscribe(channel, self.outbox)
-            self.subscriptions.clear()
-            self.broker.memory.change(-len(self._message))
-            self._message.clear()
+            self.dispose()
+
+    def dispose(self) -> None:
+        """Let go of everything the connection holds: subscriptions, queued bytes, a partial message.
+
+        Called when the connection ends, however it ends (the broker calls it too, for the
+        handshake's paths); calling it again does nothing.
+        """
+        for channel in self.subscriptions:
+            self.broker.hub.unsubscribe(channel, self.outbox)
+        self.subscriptions.clear()
+        self.outbox.abort()  # what a reader that never read left queued is released, not leaked
+        self.broker.memory.change(-len(self._message))
+        self._message.clear()
 
     def close(self, code: p.Code, msg: str) -> None:
         """Send ``bye`` and a close frame after what is queued, then end (within ``shutdown_timeout``)."""

@@ -45,6 +45,8 @@ async def test_a_reader_that_never_reads_is_cut_whatever_it_sends(
             await _all_closed(broker.connections)
         nursery.cancel_scope.cancel()
     assert connection.close_code is p.Code.SLOW_CONSUMER
+    # What it never read is released from the memory budget, not leaked.
+    assert broker.memory.used == 0 and not broker.memory._large
 
 
 async def test_an_unfinished_message_is_not_kept(start_broker: StartBroker, open_raw: OpenRaw) -> None:
@@ -65,3 +67,4 @@ async def test_an_unfinished_message_is_not_kept(start_broker: StartBroker, open
             await _all_closed(broker.connections)
         nursery.cancel_scope.cancel()
     assert connection.close_code is p.Code.BAD_FRAME
+    assert broker.memory.used == 0
