@@ -50,8 +50,11 @@ class Sheddable(Protocol):
     @property
     def queued(self) -> int: ...
 
-    def shed(self) -> None:
-        """Drop what is queued and close with a ``bye`` saying the broker is short of memory."""
+    def shed(self) -> bool:
+        """Drop what is queued and close with a ``bye`` saying the broker is short of memory.
+
+        False if it was closing already (then it is on its way out and frees itself).
+        """
         ...
 
 
@@ -64,6 +67,7 @@ class MemoryBudget:
     def __init__(self, limit: int, *, on_over: Callable[[], None] | None = None) -> None:
         self.limit = limit
         self.used = 0
+        self.queued = 0  #: the part of ``used`` waiting in send buffers
         self.shed_count = 0
         self._large: set[Sheddable] = set()
         self._on_over = on_over
@@ -72,9 +76,11 @@ class MemoryBudget:
     def over(self) -> bool:
         return self.used > self.limit
 
-    def change(self, delta: int) -> None:
-        """Count ``delta`` more bytes held (negative: released)."""
+    def change(self, delta: int, *, queued: bool = False) -> None:
+        """Count ``delta`` more bytes held (negative: released); ``queued``: in a send buffer."""
         self.used += delta
+        if queued:
+            self.queued += delta
         if delta > 0 and self.used > self.limit and self._on_over is not None:
             self._on_over()
 
@@ -92,8 +98,8 @@ class MemoryBudget:
         for buffer in sorted(self._large, key=lambda b: b.queued, reverse=True):
             if self.used <= target:
                 break
-            buffer.shed()
+            if buffer.shed():
+                cut += 1
             self._large.discard(buffer)
-            cut += 1
         self.shed_count += cut
         return cut

@@ -108,10 +108,15 @@ class Outbox:
         """Bytes waiting to be sent."""
         return self._queued
 
-    def shed(self) -> None:
-        """Drop the backlog and close with the shedding ``bye``: the broker is short of memory."""
-        if self._state is OutboxState.OPEN:
-            self._overflow(self._shed_frames)
+    def shed(self) -> bool:
+        """Drop the backlog and close with the shedding ``bye``: the broker is short of memory.
+
+        False if the outbox was not open (it is closing or dead already).
+        """
+        if self._state is not OutboxState.OPEN:
+            return False
+        self._overflow(self._shed_frames)
+        return True
 
     def stalled_for(self, now: float) -> float:
         """Seconds the queue has waited with the kernel taking none of it (0 when nothing is queued)."""
@@ -276,7 +281,7 @@ class Outbox:
         budget = self._budget
         if budget is not None:
             was_large = self._queued >= LARGE
-            budget.change(queued - self._queued)
+            budget.change(queued - self._queued, queued=True)
             if (queued >= LARGE) != was_large:
                 budget.track(self, queued >= LARGE)
         self._queued = queued

@@ -100,6 +100,7 @@ class Broker:
         self.memory = MemoryBudget(self.config.memory_limit or default_memory_limit(),
                                    on_over=self._memory_over)
         self._memory_pressure = trio.Event()
+        self._shed_logged = -math.inf
         self.http_gate = HttpPhaseGate(total=self.config.max_http_connections,
                                        per_address=self.config.max_http_connections_per_ip)
         self._accept_failures = 0
@@ -244,8 +245,12 @@ class Broker:
             if self.memory.over:
                 used = self.memory.used
                 cut = self.memory.shed()
-                log.warning("memory_limit (%d bytes) passed at %d bytes held for clients: cut the %d "
-                            "largest send buffer(s)", self.memory.limit, used, cut)
+                now = trio.current_time()
+                if cut and now - self._shed_logged >= 10:  # at most once per 10 s
+                    log.warning("memory_limit (%d bytes) passed at %d bytes held for clients: cut the %d "
+                                "largest send buffer(s) (%d since start)", self.memory.limit, used, cut,
+                                self.memory.shed_count)
+                    self._shed_logged = now
 
     def shutdown(self) -> None:
         """Begin a graceful shutdown; :meth:`serve` returns when it is done."""
@@ -338,7 +343,7 @@ class Broker:
         return BrokerStatistics(
             connections=len(self.connections), tcp_connections=self._tcp_connections,
             hub=self.hub.statistics(), history=self.engine.statistics(), backlog=self.backlog.statistics(),
-            bytes_queued=sum(c.outbox.statistics().bytes_queued for c in self.connections),
+            bytes_queued=self.memory.queued,
             slow_disconnects=self._slow_disconnects, accepting=self._accepting,
         )
 

@@ -161,3 +161,13 @@ def test_allowed_hosts_names_the_hosts_served(hostile_broker: StartHostile) -> N
     assert one_answer(served.port, ask % b"chat.example.com")[0] == 200
     assert one_answer(served.port, ask % b"eu.corp.example:443")[0] == 200
     assert one_answer(served.port, ask % b"127.0.0.1")[0] == 421
+
+
+def test_websockets_from_foreign_origins_are_refused(served: ServedBroker) -> None:
+    upgrade = (b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+    status, error = one_answer(served.port, upgrade + b"Origin: https://evil.example\r\n\r\n")
+    assert status == 403 and "evil.example" in error
+    assert exchange(served.port, upgrade + b"Origin: http://localhost:3000\r\n\r\n").startswith(
+        b"HTTP/1.1 101 ")
+    assert exchange(served.port, upgrade + b"\r\n").startswith(b"HTTP/1.1 101 ")  # no Origin: not a browser
