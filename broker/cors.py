@@ -45,6 +45,17 @@ def origin_allowed(origin: str) -> bool:
             and parts.username is None and parts.password is None)
 
 
+def same_origin(origin: str, host: str | None) -> bool:
+    """Whether ``origin`` is the broker's own (the page was served by it, e.g. the demo chat)."""
+    if host is None:
+        return False
+    try:
+        parts = urllib.parse.urlsplit(origin)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and parts.netloc.lower() == host.strip().lower()
+
+
 def response_headers(origin: str | None, *, public: bool) -> tuple[tuple[str, str], ...]:
     """The CORS headers for an answer to a request from ``origin`` (None: no Origin header).
 

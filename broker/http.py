@@ -460,11 +460,12 @@ async def _serve(broker: Broker, conn: _Connection) -> Upgrade | None:
                 raise HttpError(400 if host is None else 421, problem)
             if head.is_websocket_upgrade:
                 origin = head.headers.get("origin")
-                if origin is not None and not cors.origin_allowed(origin):
+                if origin is not None and not (cors.origin_allowed(origin)
+                                               or cors.same_origin(origin, head.headers.get("host"))):
                     # Browsers send Origin and nothing else stops a page on any site from
                     # opening a WebSocket here; other clients send none.
                     raise HttpError(403, f"WebSocket connections from origin {origin[:100]!r} are not "
-                                         "allowed (loopback origins only)")
+                                         "allowed (loopback origins and the broker's own only)")
                 if head.path != "/ws":
                     raise HttpError(404, f"WebSocket endpoint is /ws, not {head.path[:200]!r}")
                 if request.body:

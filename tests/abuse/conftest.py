@@ -68,10 +68,11 @@ def hostile_broker(tmp_path: Path) -> Iterator[StartHostile]:
                                        env=env, stdout=subprocess.PIPE, stderr=sink, preexec_fn=limit_files)
         assert process.stdout is not None
         line = process.stdout.readline().decode()
-        match = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+        match = re.search(r"listening on http://[^\s]+:(\d+)", line)
         if match is None:
             process.kill()
             process.wait()
+            process.stdout.close()
             pytest.fail(f"the broker did not start: {line!r} {log.read_text()}")
         served = ServedBroker(process, int(match.group(1)), log)
         started.append(served)
