@@ -17,7 +17,7 @@ Each entry carries its own result slot, so each caller gets its own
 
 - The broker validates a batch in full before publishing any of it, so when
   it rejects a joined batch (400, 413) nothing was published; the sender
-  then sends those events one by one, and only the bad one's caller gets
+  then sends it again in halves, and only the bad one's caller gets
   :class:`Rejected`.
 - When a batch gets no answer (:class:`BrokerUnreachable`) or a 5xx, every
   caller in it gets that error: nothing is retried, since the broker may
@@ -68,8 +68,10 @@ from broker.publisher.errors import EmitsFailed, PublisherClosed, Rejected, TooM
 
 T = TypeVar("T")
 
-#: Statuses of a rejected batch that mean "one of its events is bad": resend them one by one.
+#: Statuses of a rejected batch that mean "one of its events is bad": resend it in halves.
 _SPLIT_STATUSES = (400, 413)
+#: Most bytes of events joined into one request: well under the broker's default body limit (1 MiB).
+MAX_BATCH_BYTES = 512 * 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -329,13 +331,15 @@ class AsyncPublisher:
                         await self._send_whole(entry)
                     else:
                         chunk = [entry]
+                        size = len(entry.packed[0])
                         while len(chunk) < self._max_batch:
                             try:
                                 following = receive.receive_nowait()
                             except (anyio.WouldBlock, anyio.EndOfStream):
                                 break
-                            if following.whole:
-                                carry = following
+                            size += len(following.packed[0]) if following.packed else 0
+                            if following.whole or size > MAX_BATCH_BYTES:
+                                carry = following  # goes first in the next request
                                 break
                             chunk.append(following)
                         self._in_flight = chunk
@@ -395,9 +399,11 @@ class AsyncPublisher:
                 for entry in chunk:
                     self._settle(entry, None, exc)
                 return
-            # Nothing of the batch was published; one by one, only the bad emit fails.
-            for entry in chunk:
-                await self._send_one(entry)
+            # Nothing of the batch was published: send it again in halves, so only the bad
+            # emit fails, found in a few requests rather than one request per emit.
+            middle = len(chunk) // 2
+            await self._send_chunk(chunk[:middle])
+            await self._send_chunk(chunk[middle:])
         except Exception as exc:
             for entry in chunk:
                 self._settle(entry, None, exc)

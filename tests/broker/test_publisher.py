@@ -592,3 +592,24 @@ def test_urls() -> None:
     assert Publisher("https://example.com/tokenfan/").url == "https://example.com/tokenfan"
     with pytest.raises(ValueError, match="broker's URL"):
         Publisher("127.0.0.1:8765")
+
+
+async def large_emits_in_one_tick(url: str) -> None:
+    async with AsyncPublisher(url) as publisher:
+        offsets: list[int] = []
+
+        async def emit(i: int) -> None:
+            published = await publisher.emit("ai-chat/large", "ai:token", {"i": i, "pad": "x" * 2000})
+            offsets.append(published.offset)
+
+        async with trio.open_nursery() if trio.lowlevel.in_trio_task() else _Gather() as group:
+            for i in range(600):  # about 1.2 MB: more than one request's body may hold
+                group.start_soon(emit, i)
+        assert sorted(offsets) == list(range(1, 601))
+        # Batches are capped in bytes, so none is refused as too large and sent again one by one.
+        assert publisher.statistics().requests <= 8, publisher.statistics()
+
+
+@async_runs
+def test_batches_are_capped_in_bytes(live: BrokerThread, run: Run) -> None:
+    run(large_emits_in_one_tick, live.url)
