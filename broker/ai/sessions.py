@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator
@@ -102,8 +103,8 @@ class _Session:
     size: int = 0  #: bytes its turns hold, as charged to the broker's memory budget
 
 
-#: What a remembered turn costs beyond its text (the message object, the string's header).
-TURN_OVERHEAD = 128
+#: What a remembered turn costs beyond its text's string (the message object, list slot).
+TURN_OVERHEAD = 80
 
 
 def parse_chat_request(payload: object) -> ChatRequest:
@@ -333,7 +334,7 @@ class AiService:
         while turns and (len(turns) > MAX_TURNS
                          or sum(len(t.content) for t in turns) > MAX_CONVERSATION_BYTES):
             del turns[:2]
-        size = sum(len(t.content) + TURN_OVERHEAD for t in turns)
+        size = sum(sys.getsizeof(t.content) + TURN_OVERHEAD for t in turns)  # 1-4 bytes a character
         self._broker.memory.change(size - session.size)
         session.size = size
 
