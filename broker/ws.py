@@ -35,6 +35,7 @@ from wsproto.utilities import generate_accept_token
 import protocol as p
 from broker.http import error_response
 from broker.hub import MAX_REPLAY
+from broker.memory import MemoryBudget
 from broker.outbox import Outbox, OutboxState, OutboxStatistics
 from broker.sockio import receive_some
 
@@ -52,14 +53,25 @@ REPLAY_PAGE_BYTES = 256 * 1024
 
 
 class _ReplayPages:
-    """The pages of a recovery read so far: each coalesced page with the offset it starts after."""
+    """The pages of a recovery read so far: each coalesced page with the offset it starts after.
 
-    __slots__ = ("pieces", "read", "size")
+    The pages are held across awaits, so their bytes are charged to the memory budget
+    (when one is given) until :meth:`release`.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("memory", "pieces", "read", "size")
+
+    def __init__(self, memory: MemoryBudget | None = None) -> None:
+        self.memory = memory
         self.pieces: deque[tuple[int, bytes]] = deque()
         self.size = 0  # bytes of the coalesced pages
         self.read = 0  # bytes of history read for them
+
+    def release(self) -> None:
+        """Give back the pages' charge (the replay, if sent, is charged to the send buffer)."""
+        if self.memory is not None:
+            self.memory.change(-self.size)
+            self.memory = None
 
     @property
     def start(self) -> int:
@@ -67,15 +79,20 @@ class _ReplayPages:
 
     def add(self, after: int, data: bytes) -> None:
         self.pieces.append((after, data))
-        self.size += len(data)
+        self._resize(len(data))
 
     def drop_oldest(self, room: int) -> bool:
         """Drop the oldest pages until the rest fit in ``room``; True if any were dropped."""
         dropped = False
         while self.pieces and self.size > room:
-            self.size -= len(self.pieces.popleft()[1])
+            self._resize(-len(self.pieces.popleft()[1]))
             dropped = True
         return dropped
+
+    def _resize(self, delta: int) -> None:
+        self.size += delta
+        if self.memory is not None:
+            self.memory.change(delta)
 
     def joined(self) -> bytes:
         return b"".join(data for _, data in self.pieces)
@@ -421,8 +438,15 @@ class WsConnection:
         since, earlier, complete = frame.since, _ReplayPages(), True
         if since is not None:
             since, earlier, complete = await self._read_replay(frame.ch, since)
-            if self.outbox.state is not OutboxState.OPEN:
-                return
+        try:
+            if self.outbox.state is OutboxState.OPEN:
+                self._join(frame, since, earlier, complete, room)
+        finally:
+            earlier.release()
+
+    def _join(self, frame: p.Sub, since: p.Position | None, earlier: _ReplayPages, complete: bool,
+              room: int) -> None:
+        """Subscribe in one synchronous step: read the last page, join the stream, send ok + replay."""
         hub = self.broker.hub
         last: list[int] = [0]  # bytes of history the last step read
 
@@ -464,27 +488,32 @@ class WsConnection:
         engine, backlog = self.broker.engine, self.broker.backlog
         room = self.broker.config.outbox_limit // 2
         read_limit = REPLAY_READ_FACTOR * self.broker.config.outbox_limit
-        pages = _ReplayPages()
+        pages = _ReplayPages(self.broker.memory)
         after, epoch, complete = since.o, since.ep, True
-        while True:
-            await self._await_replay_allowance()
-            if self.outbox.state is not OutboxState.OPEN:
-                break
-            page = engine.since(channel, after=after, epoch=epoch, limit=MAX_REPLAY,
-                                max_bytes=REPLAY_PAGE_BYTES)
-            if not page.more or (since.ep is not None and not page.recovered):
-                break  # the rest (or the refusal) comes with joining the stream: no await before
-            epoch = epoch or page.epoch  # a catch-up goes on in the epoch it started in
-            complete = complete and page.recovered
-            read = sum(len(frame) for frame in page.frames)
-            self._spend_replay(read)
-            pages.add(page.after, b"".join(backlog.shrink(list(page.frames), drop=False)))
-            pages.read += read
-            after = page.last
-            if pages.size > room or pages.read > read_limit:
-                if since.ep is not None:
-                    return None, _ReplayPages(), False  # an exact recovery that cannot fit
-                complete = complete and not pages.drop_oldest(room)
+        try:
+            while True:
+                await self._await_replay_allowance()
+                if self.outbox.state is not OutboxState.OPEN:
+                    break
+                page = engine.since(channel, after=after, epoch=epoch, limit=MAX_REPLAY,
+                                    max_bytes=REPLAY_PAGE_BYTES)
+                if not page.more or (since.ep is not None and not page.recovered):
+                    break  # the rest (or the refusal) comes with joining the stream: no await before
+                epoch = epoch or page.epoch  # a catch-up goes on in the epoch it started in
+                complete = complete and page.recovered
+                read = sum(len(frame) for frame in page.frames)
+                self._spend_replay(read)
+                pages.add(page.after, b"".join(backlog.shrink(list(page.frames), drop=False)))
+                pages.read += read
+                after = page.last
+                if pages.size > room or pages.read > read_limit:
+                    if since.ep is not None:
+                        pages.release()
+                        return None, _ReplayPages(), False  # an exact recovery that cannot fit
+                    complete = complete and not pages.drop_oldest(room)
+        except BaseException:  # cancelled, say: the pages go, and so does their charge
+            pages.release()
+            raise
         if since.ep is None and epoch is None:
             return since, pages, complete
         return p.Position(o=after, ep=epoch or since.ep), pages, complete

@@ -119,3 +119,38 @@ async def test_an_exact_recovery_that_cannot_fit_says_so_and_replays_nothing(
         with trio.fail_after(5):
             event = await sub.__anext__()
         assert event.data == {"n": "live"}  # nothing from history came before it
+
+
+async def test_a_publication_larger_than_a_page_is_replayed(start_broker: StartBroker) -> None:
+    broker = await start_broker(outbox_limit=4 * 1024 * 1024)
+    broker.emit("ai-chat/huge", "x", {"pad": "h" * 300_000})  # more than a replay page alone
+    broker.emit("ai-chat/huge", "x", {"pad": "after"})
+    epoch, _ = broker.engine.position("ai-chat/huge")
+    async with connect(f"ws://127.0.0.1:{broker.port}/ws", reconnect=False) as client:
+        with trio.fail_after(5):
+            sub = await client.subscribe("ai-chat/huge", since=p.Position(o=0, ep=epoch))
+            assert sub.recovered
+            first, second = [await sub.__anext__() for _ in range(2)]
+    assert len(first.data["pad"]) == 300_000 and second.data == {"pad": "after"}
+
+
+async def test_every_replay_is_charged_even_one_page_long(start_broker: StartBroker) -> None:
+    broker = await start_broker(replay_rate=256 * 1024, outbox_limit=64 * 1024)  # bursts of 1 MiB
+    for index in range(100):
+        broker.emit("ai-chat/small", "x", {"n": index, "pad": "s" * 1000})  # 100 KB: one page
+    async with connect(f"ws://127.0.0.1:{broker.port}/ws", reconnect=False) as client:
+        started = trio.current_time()
+        for _ in range(20):  # 2 MB of replays: the burst, then 256 KiB a second
+            sub = await client.subscribe("ai-chat/small", since=p.Position(o=0))
+            await sub.unsubscribe()
+        took = trio.current_time() - started
+    assert took > 2.0, f"20 replays of 100 KB took {took:.2f} s at 256 KiB/s"
+
+
+async def test_a_catch_up_that_skipped_publications_says_so(start_broker: StartBroker) -> None:
+    broker = await start_broker(outbox_limit=64 * 1024)  # room for a replay: 32 KiB
+    for index in range(250):
+        broker.emit("ai-chat/skip", "x", {"n": index, "pad": "k" * 2000})  # 500 KB
+    async with connect(f"ws://127.0.0.1:{broker.port}/ws", reconnect=False) as client:
+        sub = await client.subscribe("ai-chat/skip", since=p.Position(o=0))
+        assert not sub.recovered  # the newest that fit, and it says it is not everything
