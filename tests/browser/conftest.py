@@ -51,13 +51,14 @@ class BrokerThreads:
     def __init__(self) -> None:
         self.running: list[tuple[LiveBroker, threading.Thread]] = []
 
-    def start(self, **overrides: object) -> LiveBroker:
+    def start(self, *, port: int = 0, **overrides: object) -> LiveBroker:
+        """A broker with ``Config(port=port, **overrides)`` (port 0: a free one)."""
         started = threading.Event()
         holder: dict[str, LiveBroker] = {}
 
         async def main() -> None:
             settings = {"ai_demo_tokens_per_second": TOKENS_PER_SECOND, **overrides}
-            broker = Broker(Config(port=0, **settings))  # type: ignore[arg-type]
+            broker = Broker(Config(port=port, **settings))  # type: ignore[arg-type]
             async with trio.open_nursery() as nursery:
                 await nursery.start(broker.serve)
                 holder["live"] = LiveBroker(broker, trio.lowlevel.current_trio_token(),

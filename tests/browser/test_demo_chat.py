@@ -8,14 +8,12 @@ the broker-down message are saved for people to look at.
 
 from __future__ import annotations
 
-import threading
 import urllib.request
 
 import pytest
-import trio
 from playwright.sync_api import Browser, ConsoleMessage, Locator, Page, Request, Response, expect
 
-from broker import Broker, ChannelOptions, Config
+from broker import ChannelOptions
 from broker.ai import ChatMessage, DemoProvider
 from tests.browser.conftest import ARTIFACTS, BrokerThreads, LiveBroker
 
@@ -72,25 +70,6 @@ def stop_broker(brokers: BrokerThreads, live: LiveBroker) -> None:
     live.call(live.broker.shutdown)
     entry[1].join(15)
     brokers.running.remove(entry)
-
-
-def start_broker_on(brokers: BrokerThreads, port: int) -> LiveBroker:
-    """A new broker on ``port`` (the conftest's ``brokers.start`` always picks a free one)."""
-    started = threading.Event()
-    holder: dict[str, LiveBroker] = {}
-
-    async def main() -> None:
-        broker = Broker(Config(port=port, ai_demo_tokens_per_second=TOKENS_PER_SECOND))
-        async with trio.open_nursery() as nursery:
-            await nursery.start(broker.serve)
-            holder["live"] = LiveBroker(broker, trio.lowlevel.current_trio_token(), f"http://127.0.0.1:{port}")
-            started.set()
-
-    thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
-    thread.start()
-    assert started.wait(10), "the broker did not start"
-    brokers.running.append((holder["live"], thread))
-    return holder["live"]
 
 
 def test_two_tabs_watch_one_answer(live: LiveBroker, browser: Browser) -> None:
@@ -208,7 +187,7 @@ def test_with_the_broker_down_sending_says_so_and_a_retry_works_once_it_is_back(
     # The broker comes back on the same port: the page reconnects to a stream it cannot recover (a new
     # broker) and reloads; the unsent message survives the reload.
     with page.expect_navigation(timeout=15_000):
-        start_broker_on(brokers, port)
+        brokers.start(port=port)
     expect(send).to_be_enabled(timeout=10_000)
     expect(page.get_by_test_id("message-input")).to_have_value("Are you there?")
     send.click()
