@@ -187,7 +187,7 @@ def test_with_the_broker_down_sending_says_so_and_a_retry_works_once_it_is_back(
     # The broker comes back on the same port: the page reconnects to a stream it cannot recover (a new
     # broker) and reloads; the unsent message survives the reload.
     with page.expect_navigation(timeout=15_000):
-        brokers.start(port=port)
+        brokers.start(port=port, ai_demo_tokens_per_second=TOKENS_PER_SECOND)
     expect(send).to_be_enabled(timeout=10_000)
     expect(page.get_by_test_id("message-input")).to_have_value("Are you there?")
     send.click()
