@@ -240,6 +240,7 @@ class Config:
     max_client_data: int = 4096
     client_publish_rate: float = 10.0
     replay_rate: int = 16 * 1024 * 1024
+    client_input_rate: int = 256 * 1024
     ai_provider: str = "demo"
     ai_max_generations: int = 100
     ai_time_limit: float = 120.0
@@ -286,6 +287,9 @@ class Config:
         if not 0 < self.client_publish_rate <= 100_000:
             raise ConfigError("client_publish_rate: must be above 0 and at most 100000 per second, "
                               f"got {self.client_publish_rate}")
+        if self.client_input_rate < 4096:
+            raise ConfigError("client_input_rate: must be at least 4KiB (a second), "
+                              f"got {self.client_input_rate}")
         if self.replay_rate < 64 * 1024:
             raise ConfigError(f"replay_rate: must be at least 64KiB (a second), got {self.replay_rate}")
         if self.memory_limit < 0:
@@ -317,6 +321,7 @@ _PARSERS: dict[str, Any] = {
     "history_max_bytes": parse_size, "memory_limit": parse_size, "allowed_hosts": _parse_host_list,
     "max_client_data": parse_size,
     "client_publish_rate": _parse_float, "replay_rate": parse_size,
+    "client_input_rate": parse_size,
     "ai_provider": _parse_str, "ai_max_generations": _parse_int, "ai_time_limit": parse_duration,
     "ai_max_tokens": _parse_int, "ai_demo_tokens_per_second": _parse_float, "ai_rollup": parse_duration,
     "ai_timestamps": _parse_bool,

@@ -181,8 +181,9 @@ def _emit_batch(broker: Broker, request: Request) -> bytes:
 
 #: Most publications one ``GET /api/history`` returns, and the default.
 HISTORY_PAGE_MAX, HISTORY_PAGE_DEFAULT = 10_000, 1000
-#: Most frame bytes one history page holds (the JSON is about as big).
-_HISTORY_PAGE_BYTES = 8 * 1024 * 1024
+#: Most frame bytes one history page holds (the JSON is about as big): a page is built in one
+#: step (about 10 ms here) and held until sent, so it stays small; clients page with ``next``.
+_HISTORY_PAGE_BYTES = 1024 * 1024
 
 
 def _json_value(value: object) -> object:
@@ -394,13 +395,17 @@ class _Connection:
     def answer(self, reply: bytes) -> None:
         self.out.append(reply)
         self.queued += len(reply)
+        self.memory.change(len(reply))
 
     async def flush(self) -> None:
         if self.out:
             data = b"".join(self.out)
             self.out.clear()
-            self.queued = 0
-            await self.stream.send_all(data)
+            try:
+                await self.stream.send_all(data)
+            finally:
+                self.memory.change(-self.queued)
+                self.queued = 0
 
     async def next_request(self) -> Request | None:
         """The next request, or None when the client closed the connection between requests."""
@@ -428,16 +433,18 @@ async def serve_http(broker: Broker, stream: trio.SocketStream) -> Upgrade | Non
     config = broker.config
     conn = _Connection(stream, config.max_body_size, broker.memory)
     try:
-        upgrade = await _serve(broker, conn)
-    except HttpError as exc:
-        conn.answer(error_response(exc.status, exc.message, close=True))
-        upgrade = None
+        try:
+            upgrade = await _serve(broker, conn)
+        except HttpError as exc:
+            conn.answer(error_response(exc.status, exc.message, close=True))
+            upgrade = None
+        # Whatever is still queued goes out before the connection is handed over or closed.
+        with trio.move_on_after(config.shutdown_timeout):
+            await conn.flush()
+        return upgrade
     finally:
-        broker.memory.change(-conn.charged)
-    # Whatever is still queued goes out before the connection is handed over or closed.
-    with trio.move_on_after(config.shutdown_timeout):
-        await conn.flush()
-    return upgrade
+        # However it ended: what the reader held and the answers never sent leave the budget.
+        broker.memory.change(-conn.charged - conn.queued)
 
 
 async def _serve(broker: Broker, conn: _Connection) -> Upgrade | None:

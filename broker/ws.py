@@ -48,6 +48,8 @@ if TYPE_CHECKING:
 SERVER_NAME = "tokenfan/0.1.0"
 #: History read for one recovery, in units of ``outbox_limit``, before coalescing makes it fit.
 REPLAY_READ_FACTOR = 16
+#: A client may send this many seconds' worth of ``client_input_rate`` at once.
+INPUT_BURST_SECONDS = 4
 #: History read (and coalesced) in one step of a recovery, before other clients get a turn.
 REPLAY_PAGE_BYTES = 256 * 1024
 
@@ -147,8 +149,8 @@ class WsConnection:
     heartbeat task pings every connection and enforces the idle timeout.
     """
 
-    __slots__ = ("_last_heard", "_message", "_message_started", "_pub_allowance", "_pub_checked",
-                 "_replay_allowance", "_replay_checked",
+    __slots__ = ("_input_allowance", "_input_checked", "_last_heard", "_message", "_message_started",
+                 "_pub_allowance", "_pub_checked", "_replay_allowance", "_replay_checked",
                  "_writer_scope", "broker", "close_code", "decoder", "fd", "frames_received", "outbox",
                  "stream", "subscriptions", "ws")
 
@@ -177,6 +179,9 @@ class WsConnection:
         # Token bucket for client publications: client_publish_rate a second, bursts of as many.
         self._pub_allowance = config.client_publish_rate
         self._pub_checked = trio.current_time()
+        # Token bucket for bytes read from the client: client_input_rate a second.
+        self._input_allowance = float(INPUT_BURST_SECONDS * config.client_input_rate)
+        self._input_checked = self._pub_checked
         # Token bucket for replays: replay_rate bytes a second, bursts of one full recovery.
         self._replay_allowance = float(REPLAY_READ_FACTOR * config.outbox_limit)
         self._replay_checked = self._pub_checked
@@ -279,8 +284,17 @@ class WsConnection:
             if not data:
                 self.outbox.abort()
                 return
-            self._last_heard = trio.current_time()
+            self._last_heard = now = trio.current_time()
             await self._receive(data)
+            # What a client sends costs the broker CPU to read and decode (refused or not): past
+            # client_input_rate this connection is read no further for a while (TCP pushes back).
+            rate = self.broker.config.client_input_rate
+            self._input_allowance = min(INPUT_BURST_SECONDS * rate,
+                                        self._input_allowance + (now - self._input_checked) * rate)
+            self._input_checked = now
+            self._input_allowance -= len(data)
+            if self._input_allowance < 0:
+                await trio.sleep(-self._input_allowance / rate)
         # Closing: keep reading (and discarding) so the peer's close frame is consumed.
         while await receive_some(self.fd):
             pass
@@ -506,11 +520,13 @@ class WsConnection:
                 pages.add(page.after, b"".join(backlog.shrink(list(page.frames), drop=False)))
                 pages.read += read
                 after = page.last
-                if pages.size > room or pages.read > read_limit:
-                    if since.ep is not None:
+                if pages.size > room or pages.read > read_limit or self.broker.memory.over:
+                    if since.ep is not None or self.broker.memory.over:
+                        # An exact recovery that cannot fit, or no memory to spare: no replay.
                         pages.release()
-                        return None, _ReplayPages(), False  # an exact recovery that cannot fit
-                    complete = complete and not pages.drop_oldest(room)
+                        return None, _ReplayPages(), False
+                    dropped = pages.drop_oldest(room)  # a catch-up keeps the newest pages that fit
+                    complete = complete and not dropped
         except BaseException:  # cancelled, say: the pages go, and so does their charge
             pages.release()
             raise

@@ -50,3 +50,16 @@ async def test_ai_cancel_reaches_watchers_with_no_data_and_stays_out_of_history(
             event = await watcher.__anext__()
         assert (event.event, event.data, event.offset) == ("ai:cancel", {}, offset)
     assert await _history(broker, "ai-chat/y") == []
+
+
+async def test_a_client_that_sends_fast_is_read_at_its_input_rate(
+        start_broker: StartBroker) -> None:
+    """Refused publications still cost CPU to read: past client_input_rate the client waits."""
+    broker = await start_broker(client_input_rate=64 * 1024)  # bursts of 256 KiB
+    async with connect(f"ws://127.0.0.1:{broker.port}/ws", reconnect=False) as client:
+        started = trio.current_time()
+        for _ in range(40):  # 40 x 20 KB: 800 KB, refused as too large, yet read
+            with pytest.raises(CommandError):
+                await client.publish("ai-chat/z", "ai:cancel", {"junk": "j" * 20_000})
+        took = trio.current_time() - started
+    assert took > 5.0, f"800 KB at 64 KiB/s (256 KiB burst) took only {took:.1f} s"
