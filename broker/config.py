@@ -240,7 +240,8 @@ class Config:
     max_client_data: int = 4096
     client_publish_rate: float = 10.0
     replay_rate: int = 16 * 1024 * 1024
-    client_input_rate: int = 256 * 1024
+    history_read_rate: int = 32 * 1024 * 1024
+    client_input_rate: int = 64 * 1024
     ai_provider: str = "demo"
     ai_max_generations: int = 100
     ai_time_limit: float = 120.0
@@ -290,8 +291,9 @@ class Config:
         if self.client_input_rate < 4096:
             raise ConfigError("client_input_rate: must be at least 4KiB (a second), "
                               f"got {self.client_input_rate}")
-        if self.replay_rate < 64 * 1024:
-            raise ConfigError(f"replay_rate: must be at least 64KiB (a second), got {self.replay_rate}")
+        for name in ("replay_rate", "history_read_rate"):
+            if getattr(self, name) < 64 * 1024:
+                raise ConfigError(f"{name}: must be at least 64KiB (a second), got {getattr(self, name)}")
         if self.memory_limit < 0:
             raise ConfigError(f"memory_limit: must not be negative, got {self.memory_limit}")
         if self.history_max_bytes < 0:
@@ -321,6 +323,7 @@ _PARSERS: dict[str, Any] = {
     "history_max_bytes": parse_size, "memory_limit": parse_size, "allowed_hosts": _parse_host_list,
     "max_client_data": parse_size,
     "client_publish_rate": _parse_float, "replay_rate": parse_size,
+    "history_read_rate": parse_size,
     "client_input_rate": parse_size,
     "ai_provider": _parse_str, "ai_max_generations": _parse_int, "ai_time_limit": parse_duration,
     "ai_max_tokens": _parse_int, "ai_demo_tokens_per_second": _parse_float, "ai_rollup": parse_duration,

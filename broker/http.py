@@ -239,6 +239,7 @@ def _history(broker: Broker, request: Request) -> bytes:
     limit = _int_param(query, "limit", HISTORY_PAGE_DEFAULT, 1, HISTORY_PAGE_MAX)
     epoch = query.get("epoch") or None
     page = broker.engine.since(channel, after=since, epoch=epoch, limit=limit, max_bytes=_HISTORY_PAGE_BYTES)
+    broker.history_reads.spend(sum(len(frame) for frame in page.frames))
     publications = []
     for frame in page.frames:
         _opcode, _start, payload, end = split_ws_frames(frame)[0]  # type: ignore[index]
@@ -256,9 +257,14 @@ ROUTES: dict[str, tuple[str, Handler]] = {
     "/healthz": ("GET", _health),
     "/api/emit": ("POST", _emit),
     "/api/emit/batch": ("POST", _emit_batch),
-    "/api/history": ("GET", _history),
     "/ws": ("GET", _ws_without_upgrade),
 }
+
+
+async def _history_in_turn(broker: Broker, request: Request) -> bytes:
+    """``GET /api/history``, built when its turn at ``history_read_rate`` comes (shared with replays)."""
+    async with broker.history_reads.turn():
+        return _history(broker, request)
 
 
 async def _ai_chat(broker: Broker, request: Request) -> bytes:
@@ -290,6 +296,7 @@ AsyncHandler = Callable[["Broker", Request], Awaitable[bytes]]
 
 #: Routes whose answer may take a while: served with the request deadline lifted.
 ASYNC_ROUTES: dict[str, tuple[str, AsyncHandler]] = {
+    "/api/history": ("GET", _history_in_turn),
     "/ai/chat": ("POST", _ai_chat),
     "/ai/cancel": ("POST", _ai_cancel),
 }
@@ -297,14 +304,13 @@ ASYNC_ROUTES: dict[str, tuple[str, AsyncHandler]] = {
 
 def _methods(path: str) -> tuple[str, ...] | None:
     """The methods ``path`` accepts, or None when there is no such path."""
-    if path in ASYNC_ROUTES:
-        return (ASYNC_ROUTES[path][0],)
     if path in STATIC_FILES:
         return ("GET", "HEAD")
-    if path in ROUTES:
-        allowed = ROUTES[path][0]
-        return (allowed, "HEAD") if allowed == "GET" else (allowed,)
-    return None
+    table = ASYNC_ROUTES if path in ASYNC_ROUTES else ROUTES if path in ROUTES else None
+    if table is None:
+        return None
+    allowed = table[path][0]
+    return (allowed, "HEAD") if allowed == "GET" else (allowed,)
 
 
 def _preflight(head: RequestHead) -> bytes:
@@ -335,6 +341,11 @@ def _with_cors(head: RequestHead, reply: bytes) -> bytes:
     return reply[:status_line_end] + lines + reply[status_line_end:]
 
 
+def _accepts(allowed: str, method: str) -> bool:
+    """Whether a route for ``allowed`` serves ``method`` (HEAD is served wherever GET is)."""
+    return method == allowed or (method == "HEAD" and allowed == "GET")
+
+
 def route(broker: Broker, request: Request) -> bytes:
     """The complete response to one API request (the preflight and the async routes aside)."""
     head = request.head
@@ -342,7 +353,8 @@ def route(broker: Broker, request: Request) -> bytes:
     if head.method == "OPTIONS":
         return _preflight(head)
     if path in ASYNC_ROUTES:
-        raise ApiError(405, f"{path} accepts POST, not {head.method}", (("Allow", "POST"),))
+        allowed = ASYNC_ROUTES[path][0]
+        raise ApiError(405, f"{path} accepts {allowed}, not {head.method}", (("Allow", allowed),))
     if path in STATIC_FILES:
         if head.method not in ("GET", "HEAD"):
             raise ApiError(405, f"{path} accepts GET, not {head.method}", (("Allow", "GET"),))
@@ -352,7 +364,7 @@ def route(broker: Broker, request: Request) -> bytes:
     if path not in ROUTES:
         raise ApiError(404, f"no such path {path[:200]!r}")
     allowed, handler = ROUTES[path]
-    if head.method != allowed and not (head.method == "HEAD" and allowed == "GET"):
+    if not _accepts(allowed, head.method):
         raise ApiError(405, f"{path} accepts {allowed}, not {head.method}", (("Allow", allowed),))
     reply = handler(broker, request)
     if head.method == "HEAD":
@@ -480,13 +492,15 @@ async def _serve(broker: Broker, conn: _Connection) -> Upgrade | None:
                 await conn.flush()
                 return Upgrade(head, conn.reader.buffered)
             try:
-                if head.path in ASYNC_ROUTES and head.method == ASYNC_ROUTES[head.path][0]:
+                if head.path in ASYNC_ROUTES and _accepts(ASYNC_ROUTES[head.path][0], head.method):
                     await conn.flush()  # earlier pipelined answers first
                     deadline.deadline = math.inf  # the handler bounds itself (e.g. ai_time_limit)
                     try:
                         reply = await ASYNC_ROUTES[head.path][1](broker, request)
                     finally:
                         deadline.deadline = trio.current_time() + timeout
+                    if head.method == "HEAD":
+                        reply = reply.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
                 else:
                     reply = route(broker, request)
             except ApiError as exc:

@@ -58,6 +58,9 @@ class OutboxStatistics:
     state: OutboxState
     bytes_queued: int
     items_queued: int
+    #: Bytes of the objects the queue keeps alive (a view keeps its whole object): at most
+    #: ``bytes_queued`` plus the sent part of one frame.
+    bytes_held: int
     overflowed: bool
 
 
@@ -90,7 +93,8 @@ class Outbox:
         self._overflow_frames = overflow_frames
         # A list, not a deque: an empty deque costs 600 bytes more, on every idle connection.
         self._queue: list[bytes | memoryview] = []
-        # Whether a half-written head (a memoryview) runs to the end of its bytes object.
+        # Whether a half-written head (a memoryview) runs to the end of a bytes object of whole
+        # frames (so it can be split after its partly sent frame).
         self._head_is_tail = True
         self._queued = 0
         self._last_progress = 0.0  # when the queue last became non-empty or the kernel took some of it
@@ -123,8 +127,12 @@ class Outbox:
         return now - self._last_progress if self._queue else 0.0
 
     def statistics(self) -> OutboxStatistics:
+        held = 0
+        for item in self._queue:
+            whole = item.obj if isinstance(item, memoryview) else item
+            held += len(whole) if isinstance(whole, bytes) else len(item)
         return OutboxStatistics(state=self._state, bytes_queued=self._queued,
-                                items_queued=len(self._queue), overflowed=self.overflowed)
+                                items_queued=len(self._queue), bytes_held=held, overflowed=self.overflowed)
 
     def offer(self, data: bytes) -> bool:
         """Send ``data`` after everything offered before it, without waiting.
@@ -270,10 +278,12 @@ class Outbox:
             return 1
         sent = len(whole) - len(head)
         boundary = next(end for _opcode, _start, _payload, end in frames if end > sent)
+        # Copies, not views: a view would keep the whole object alive (sent part included) while
+        # only its unsent length is charged; this way the bytes held are the bytes counted.
         if boundary < len(whole):
-            queue[0] = memoryview(whole)[sent:boundary]
             queue.insert(1, whole[boundary:])
-            self._head_is_tail = False
+        queue[0] = memoryview(whole[sent:boundary])
+        self._head_is_tail = False  # the head is now the rest of one frame: nothing to split
         return 1
 
     def _set_queued(self, queued: int) -> None:
@@ -290,6 +300,9 @@ class Outbox:
         # Keep the unsent tail of a frame already partly on the wire (a memoryview:
         # only partial writes make those), drop the rest, then say goodbye.
         head = self._queue[0] if self._queue else None
+        if isinstance(head, memoryview):
+            self._split_head()  # only the partly sent frame stays (copied out of its bytes)
+            head = self._queue[0]
         self._queue.clear()
         self._set_queued(0)
         if isinstance(head, memoryview):

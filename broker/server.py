@@ -43,6 +43,7 @@ from broker.hosts import HostPolicy
 from broker.http import Upgrade, error_response, serve_http
 from broker.hub import Hub, HubStatistics, Publication
 from broker.memory import MemoryBudget, default_memory_limit
+from broker.pacing import SharedRate
 from broker.ws import WsConnection
 
 log = logging.getLogger("tokenfan")
@@ -100,6 +101,8 @@ class Broker:
         self.memory = MemoryBudget(self.config.memory_limit or default_memory_limit(),
                                    on_over=self._memory_over)
         self._memory_pressure = trio.Event()
+        # Every replay page and history answer, all clients together; bursts of a second's worth.
+        self.history_reads = SharedRate(self.config.history_read_rate, burst=self.config.history_read_rate)
         self._shed_logged = -math.inf
         self.http_gate = HttpPhaseGate(total=self.config.max_http_connections,
                                        per_address=self.config.max_http_connections_per_ip)

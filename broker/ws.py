@@ -493,9 +493,11 @@ class WsConnection:
         """Read a recovery's history up to its last page, in steps of :data:`REPLAY_PAGE_BYTES`.
 
         Before each step this connection waits until its replay allowance (``replay_rate``)
-        is not overdrawn, and each step spends what it read: past the rate this connection
-        waits, and nobody else does. Each page but the last is coalesced and kept; the last
-        is read again, in the same synchronous step, when the subscriber joins the live stream.
+        is not overdrawn, then for its turn at the broker's (``history_read_rate``, shared by
+        every replay and history answer, first come first served); each step spends what it
+        read from both: past its own rate this connection waits, and nobody else does. Each
+        page but the last is coalesced and kept; the last is read again, in the same
+        synchronous step, when the subscriber joins the live stream.
         Returns the position to join from (the epoch pinned; None when an exact recovery cannot
         fit, so it joins without a replay), the pages read, and whether nothing was skipped.
         """
@@ -507,17 +509,18 @@ class WsConnection:
         try:
             while True:
                 await self._await_replay_allowance()
-                if self.outbox.state is not OutboxState.OPEN:
-                    break
-                page = engine.since(channel, after=after, epoch=epoch, limit=MAX_REPLAY,
-                                    max_bytes=REPLAY_PAGE_BYTES)
-                if not page.more or (since.ep is not None and not page.recovered):
-                    break  # the rest (or the refusal) comes with joining the stream: no await before
+                async with self.broker.history_reads.turn():  # all clients' replays, in turns
+                    if self.outbox.state is not OutboxState.OPEN:
+                        break
+                    page = engine.since(channel, after=after, epoch=epoch, limit=MAX_REPLAY,
+                                        max_bytes=REPLAY_PAGE_BYTES)
+                    if not page.more or (since.ep is not None and not page.recovered):
+                        break  # the rest (or the refusal) comes with joining the stream: no await before
+                    read = sum(len(frame) for frame in page.frames)
+                    self._spend_replay(read)
+                    pages.add(page.after, b"".join(backlog.shrink(list(page.frames), drop=False)))
                 epoch = epoch or page.epoch  # a catch-up goes on in the epoch it started in
                 complete = complete and page.recovered
-                read = sum(len(frame) for frame in page.frames)
-                self._spend_replay(read)
-                pages.add(page.after, b"".join(backlog.shrink(list(page.frames), drop=False)))
                 pages.read += read
                 after = page.last
                 if pages.size > room or pages.read > read_limit or self.broker.memory.over:
@@ -548,7 +551,9 @@ class WsConnection:
             await trio.lowlevel.checkpoint()
 
     def _spend_replay(self, size: int) -> None:
+        """Charge ``size`` bytes of history read to this connection's and the broker's replay rates."""
         self._replay_allowance -= size
+        self.broker.history_reads.spend(size)
 
     def __repr__(self) -> str:
         return f"<WsConnection subscriptions={len(self.subscriptions)} {self.outbox.state.value}>"

@@ -154,3 +154,38 @@ async def test_a_catch_up_that_skipped_publications_says_so(start_broker: StartB
     async with connect(f"ws://127.0.0.1:{broker.port}/ws", reconnect=False) as client:
         sub = await client.subscribe("ai-chat/skip", since=p.Position(o=0))
         assert not sub.recovered  # the newest that fit, and it says it is not everything
+
+
+async def test_replays_and_history_answers_share_the_brokers_read_rate(start_broker: StartBroker) -> None:
+    """Per-connection rates do not bound many connections together: history_read_rate does."""
+    broker = await start_broker(history_read_rate=1024 * 1024)  # bursts of a second's worth
+    for index in range(100):
+        broker.emit("ai-chat/shared", "x", {"n": index, "pad": "r" * 10_000})  # 1 MB of history
+    url = f"http://127.0.0.1:{broker.port}/api/history?channel=ai-chat/shared&limit=10000"
+    recovered: list[bool] = []
+
+    async def replay() -> None:
+        async with connect(f"ws://127.0.0.1:{broker.port}/ws", reconnect=False) as client:
+            sub = await client.subscribe("ai-chat/shared", since=p.Position(o=0))
+            recovered.append(sub.recovered)
+
+    def read_history() -> None:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            assert len(json.loads(response.read())["publications"]) == 100
+
+    async with connect(f"ws://127.0.0.1:{broker.port}/ws", reconnect=False) as bystander:
+        started = trio.current_time()
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                for _ in range(3):
+                    nursery.start_soon(replay)
+                nursery.start_soon(trio.to_thread.run_sync, read_history)
+                await trio.sleep(0.5)
+                ping_started = trio.current_time()
+                await bystander.ping()  # waits for nobody's turn
+                ping = trio.current_time() - ping_started
+        took = trio.current_time() - started
+    assert len(recovered) == 3
+    # 4 MB read at 1 MiB a second after a 1 MiB burst: at least 3 s (each alone could take 16 MiB/s).
+    assert took > 2.5, f"3 replays and a history answer of 1 MB each took {took:.2f} s at 1 MiB/s"
+    assert ping < 0.1, f"a ping took {ping * 1000:.0f} ms while others waited for their turns"

@@ -8,6 +8,9 @@ from collections.abc import Iterator
 import pytest
 import trio
 
+import protocol as p
+from broker.backlog import Backlog
+from broker.config import ChannelOptions
 from broker.outbox import Outbox, OutboxState
 
 
@@ -100,3 +103,22 @@ async def test_dead_socket_makes_the_writer_return(pair: tuple[socket.socket, so
         await outbox.run_writer()
     assert outbox.state is OutboxState.DEAD
     assert outbox.statistics().bytes_queued == 0
+
+
+async def test_a_half_sent_head_holds_only_what_is_charged(pair: tuple[socket.socket, socket.socket]) -> None:
+    """Shrinking a queue whose head is half on the wire copies out its unsent frames.
+
+    A view of the head would keep the whole offered object alive, sent part and all,
+    while only the view's length counts against the send buffer and memory_limit.
+    """
+    a, _b = pair
+    outbox = Outbox(a.fileno(), limit=1 << 20, backlog=Backlog(lambda channel: ChannelOptions()))
+    frames = [p.ws_frame(p.encode(p.Ev(ch=f"c/{i % 7}", ev="x", d="y" * 2000, o=i))) for i in range(200)]
+    replay = b"".join(frames)  # 400 KB in one object, as a replay is offered
+    assert outbox.offer(replay)
+    assert outbox.statistics().bytes_queued < len(replay)  # the kernel took some of it
+    while outbox.statistics().bytes_queued < (1 << 20) // 4:  # past the shrink mark
+        assert outbox.offer(frames[0])
+    stats = outbox.statistics()
+    assert stats.state is OutboxState.OPEN
+    assert stats.bytes_held <= stats.bytes_queued + len(frames[0]), stats
