@@ -117,6 +117,12 @@ class BrokerProcess:
         return self.proc.returncode
 
 
+#: Every bench client comes from 127.0.0.1, where the broker's per-address limits would see one
+#: user opening thousands of connections: they are lifted (the peers have none to lift).
+ONE_ADDRESS_MANY_CLIENTS = {"TOKENFAN_MAX_CONNECTIONS_PER_IP": "1000000",
+                            "TOKENFAN_UPGRADE_RATE_PER_IP": "1000000"}
+
+
 def start_target(name: str, *, env: dict[str, str] | None = None, cpu: int = 0,
                  timeout: float = 30.0) -> BrokerProcess:
     """Start target ``name`` on a free port, pinned to ``cpu``; return once it listens.
@@ -130,7 +136,7 @@ def start_target(name: str, *, env: dict[str, str] | None = None, cpu: int = 0,
         pin_to(cpu)
         raise_fd_limit()
 
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **ONE_ADDRESS_MANY_CLIENTS, **(env or {})}
     proc = subprocess.Popen([sys.executable, *kind.command], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, env=full_env, preexec_fn=prepare)
     assert proc.stdout is not None

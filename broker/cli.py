@@ -1,4 +1,4 @@
-"""The ``tokenfan`` command: ``serve``, ``emit``, ``tail`` and ``chat``.
+"""The ``tokenfan`` command: ``serve``, ``token``, ``emit``, ``tail`` and ``chat``.
 
 Every failure is reported on stderr as one line starting with ``tokenfan:``,
 never as a traceback (argparse's own errors add the command's usage line).
@@ -37,6 +37,7 @@ import wsproto.utilities
 
 from broker.admission import raise_descriptor_limit
 from broker.ai.sessions import CHANNEL_PREFIX
+from broker.auth import Authenticator
 from broker.client import (
     Client,
     ClientError,
@@ -48,7 +49,7 @@ from broker.client import (
     Subscribed,
     connect,
 )
-from broker.config import ConfigError, load_config
+from broker.config import ConfigError, load_config, parse_duration
 from broker.groups import first_leaf
 from broker.server import Broker
 from protocol import Position, channel_problem, event_problem
@@ -219,7 +220,12 @@ async def _serve(broker: Broker) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.config, overrides={"host": args.host, "port": args.port})
+        config = load_config(args.config, overrides={"host": args.host, "port": args.port,
+                                                     "allow_insecure": True if args.insecure else None})
+        problem = config.insecure_bind_problem()
+        if problem is not None:
+            raise ConfigError(problem)
+        Authenticator(config.auth)  # a key file that cannot be read or parsed is named now
     except ConfigError as exc:
         _note(f"tokenfan: configuration error: {exc}")
         return EXIT_USAGE
@@ -236,6 +242,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if failure is not None:
         _note(f"tokenfan: cannot listen on {config.host}:{config.port}: {failure.strerror or failure}")
         return EXIT_FAILED
+    return EXIT_OK
+
+
+# -- token -----------------------------------------------------------------------
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """Mint a user token with the configured ``jwt_secret`` and print it."""
+    try:
+        config = load_config(args.config)
+        token, _exp = Authenticator(config.auth).mint(
+            user=args.sub, ttl=parse_duration(args.ttl, "--ttl"), channels=args.channels or [],
+            publish=args.publish or [], ai=args.ai or [])
+    except ConfigError as exc:
+        _note(f"tokenfan: {exc}")
+        return EXIT_USAGE
+    print(token)
     return EXIT_OK
 
 
@@ -485,7 +508,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on; 0 picks a free one (default 8765)")
     serve.add_argument("--config", help="TOML configuration file")
+    serve.add_argument("--insecure", action="store_true",
+                       help="serve on a non-loopback address without [auth] (allow_insecure = true): "
+                            "anyone who reaches the port may do anything")
     serve.set_defaults(func=cmd_serve, parser=serve)
+
+    token = commands.add_parser(
+        "token", help="mint a user token (HS256, with jwt_secret from --config or $TOKENFAN_JWT_SECRET)")
+    token.add_argument("--sub", required=True, help="the user id")
+    token.add_argument("--channels", action="append", metavar="GLOB",
+                       help="channels the user may subscribe to and read (repeatable), e.g. 'ai-chat/*'")
+    token.add_argument("--publish", action="append", metavar="GLOB",
+                       help="channels the user may pub to (repeatable; client_events still apply)")
+    token.add_argument("--ai", action="append", metavar="GLOB",
+                       help="AI session ids the user may start and cancel answers in (repeatable)")
+    token.add_argument("--ttl", default="1h", help="lifetime, e.g. 90s, 15m, 1h (default 1h)")
+    token.add_argument("--config", help="TOML configuration file holding [auth] jwt_secret")
+    token.set_defaults(func=cmd_token, parser=token)
 
     emit = commands.add_parser("emit", help="publish one event through the HTTP API")
     emit.add_argument("--url", default=os.environ.get(URL_ENV) or DEFAULT_HTTP_URL,

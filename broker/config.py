@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import fnmatch
+import ipaddress
 import os
 import re
 import tomllib
@@ -215,6 +216,104 @@ DEFAULT_CHANNELS: Mapping[str, ChannelOptions] = {
 }
 
 
+def _parse_secret_list(value: object, name: str, *, min_length: int, what: str) -> tuple[str, ...]:
+    """A list of secrets: a TOML string or list, or a comma-separated string (for the environment)."""
+    if isinstance(value, str):
+        items: list[object] = [item.strip() for item in value.split(",") if item.strip()]
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise ConfigError(f"{name}: expected a list of {what}s, got a {type(value).__name__}")
+    for index, item in enumerate(items):
+        if not isinstance(item, str) or len(item.encode()) < min_length or "," in item:
+            # Never echo a secret: say which one and what is wrong with it.
+            raise ConfigError(f"{name}: {what} #{index + 1} must be a string of at least {min_length} "
+                              "bytes without commas (e.g. from `python -c 'import secrets; "
+                              "print(secrets.token_urlsafe(32))'`)")
+    return tuple(str(item) for item in items)
+
+
+def _parse_jwt_secrets(value: object, name: str) -> tuple[str, ...]:
+    return _parse_secret_list(value, name, min_length=32, what="secret")
+
+
+def _parse_api_keys(value: object, name: str) -> tuple[str, ...]:
+    return _parse_secret_list(value, name, min_length=16, what="key")
+
+
+_ORIGIN = re.compile(r"\*|https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?")
+
+
+def _parse_origins(value: object, name: str) -> tuple[str, ...]:
+    """Origins (``https://app.example.com``, ``http://127.0.0.1:3000``) or ``*``."""
+    if isinstance(value, str):
+        items: list[object] = [item.strip() for item in value.split(",") if item.strip()]
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise ConfigError(f"{name}: expected a list of origins, got {value!r}")
+    for item in items:
+        if not isinstance(item, str) or not _ORIGIN.fullmatch(item):
+            raise ConfigError(f"{name}: {item!r} is not an origin (scheme://host[:port], no path, "
+                              "e.g. \"https://app.example.com\"), or \"*\"")
+    return tuple(str(item).lower() for item in items)
+
+
+def _parse_networks(value: object, name: str) -> tuple[str, ...]:
+    """CIDRs (``10.0.0.0/8``, ``::1/128``) or single addresses."""
+    if isinstance(value, str):
+        items: list[object] = [item.strip() for item in value.split(",") if item.strip()]
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise ConfigError(f"{name}: expected a list of networks, got {value!r}")
+    for item in items:
+        try:
+            ipaddress.ip_network(str(item), strict=False)
+        except ValueError:
+            raise ConfigError(f"{name}: {item!r} is not an address or a network "
+                              "(e.g. \"10.0.0.0/8\", \"127.0.0.1\", \"::1/128\")") from None
+    return tuple(str(ipaddress.ip_network(str(item), strict=False)) for item in items)
+
+
+def _parse_auto_bool(value: object, name: str) -> bool | None:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    return _parse_bool(value, name)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthConfig:
+    """The ``[auth]`` table: keys that verify user tokens and API keys. See ``docs/security.md``."""
+
+    jwt_secret: tuple[str, ...] = ()
+    jwt_public_key: str = ""
+    jwt_audience: str = ""
+    jwt_issuer: str = ""
+    api_keys: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+
+    @property
+    def configured(self) -> bool:
+        """Whether any key is configured: then the HTTP API needs a credential."""
+        return bool(self.jwt_secret or self.jwt_public_key or self.api_keys)
+
+
+_AUTH_PARSERS: dict[str, Any] = {
+    "jwt_secret": _parse_jwt_secrets, "jwt_public_key": _parse_str, "jwt_audience": _parse_str,
+    "jwt_issuer": _parse_str, "api_keys": _parse_api_keys, "allowed_origins": _parse_origins,
+}
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """Everything the broker can be told. See ``docs/configuration.md``."""
@@ -242,6 +341,15 @@ class Config:
     replay_rate: int = 16 * 1024 * 1024
     history_read_rate: int = 32 * 1024 * 1024
     client_input_rate: int = 64 * 1024
+    client_frame_rate: float = 100.0
+    client_frame_burst: int = 200
+    max_connections_per_ip: int = 1024
+    upgrade_rate_per_ip: float = 20.0
+    ai_request_rate: float = 1.0
+    ai_request_burst: int = 10
+    trusted_proxies: tuple[str, ...] = ()
+    allow_insecure: bool = False
+    demo: bool | None = None
     ai_provider: str = "demo"
     ai_max_generations: int = 100
     ai_time_limit: float = 120.0
@@ -254,6 +362,21 @@ class Config:
     openai_model: str = "gpt-4o-mini"
     ai_upstream_timeout: float = 30.0
     channels: Mapping[str, ChannelOptions] = field(default_factory=lambda: dict(DEFAULT_CHANNELS))
+    auth: AuthConfig = AuthConfig()
+
+    @property
+    def demo_enabled(self) -> bool:
+        """Whether ``/`` serves the demo page (``demo``; by default, while no ``[auth]`` is set)."""
+        return not self.auth.configured if self.demo is None else self.demo
+
+    def insecure_bind_problem(self) -> str | None:
+        """Why serving on ``host`` would be unsafe as configured, or None."""
+        if self.auth.configured or self.allow_insecure or _is_loopback(self.host):
+            return None
+        return (f"host {self.host} is not a loopback address and no [auth] is configured: anyone who "
+                "can reach it could emit to any channel, watch any session and spend your LLM budget. "
+                "Configure [auth] (docs/security.md), or serve an open broker on purpose with "
+                "allow_insecure = true (tokenfan serve --insecure)")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -291,6 +414,16 @@ class Config:
         if self.client_input_rate < 4096:
             raise ConfigError("client_input_rate: must be at least 4KiB (a second), "
                               f"got {self.client_input_rate}")
+        for name in ("client_frame_rate", "upgrade_rate_per_ip", "ai_request_rate"):
+            if not 0 < getattr(self, name) <= 1_000_000:
+                raise ConfigError(f"{name}: must be above 0 and at most 1000000 per second, "
+                                  f"got {getattr(self, name)}")
+        for name in ("client_frame_burst", "max_connections_per_ip", "ai_request_burst"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.demo and self.auth.configured and not self.auth.jwt_secret:
+            raise ConfigError("demo: with [auth] the demo page needs jwt_secret, to mint its short-lived "
+                              "tokens; set [auth] jwt_secret or demo = false")
         for name in ("replay_rate", "history_read_rate"):
             if getattr(self, name) < 64 * 1024:
                 raise ConfigError(f"{name}: must be at least 64KiB (a second), got {getattr(self, name)}")
@@ -325,6 +458,10 @@ _PARSERS: dict[str, Any] = {
     "client_publish_rate": _parse_float, "replay_rate": parse_size,
     "history_read_rate": parse_size,
     "client_input_rate": parse_size,
+    "client_frame_rate": _parse_float, "client_frame_burst": _parse_int,
+    "max_connections_per_ip": _parse_int, "upgrade_rate_per_ip": _parse_float,
+    "ai_request_rate": _parse_float, "ai_request_burst": _parse_int,
+    "trusted_proxies": _parse_networks, "allow_insecure": _parse_bool, "demo": _parse_auto_bool,
     "ai_provider": _parse_str, "ai_max_generations": _parse_int, "ai_time_limit": parse_duration,
     "ai_max_tokens": _parse_int, "ai_demo_tokens_per_second": _parse_float, "ai_rollup": parse_duration,
     "ai_timestamps": _parse_bool,
@@ -348,11 +485,25 @@ def _apply(values: dict[str, Any], raw: Mapping[str, object], source: str) -> No
                 channels[pattern] = _parse_channel_options(pattern, options, source,
                                                            channels.get(pattern, ChannelOptions()))
             values["channels"] = channels
+        elif key == "auth":
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"auth ({source}): expected a table of options")
+            for auth_key, auth_value in value.items():
+                _apply_auth(values, auth_key, auth_value, f"auth.{auth_key} ({source})")
         elif key in _PARSERS:
             values[key] = _PARSERS[key](value, f"{key} ({source})")
+        elif key in _AUTH_PARSERS and source.startswith("environment"):
+            _apply_auth(values, key, value, f"{key} ({source})")
         else:
             raise ConfigError(f"unknown option {key!r} ({source}); "
-                              f"known: {', '.join(sorted([*_PARSERS, 'channels']))}")
+                              f"known: {', '.join(sorted([*_PARSERS, 'channels', 'auth']))}")
+
+
+def _apply_auth(values: dict[str, Any], key: str, value: object, where: str) -> None:
+    if key not in _AUTH_PARSERS:
+        raise ConfigError(f"unknown option {where}; known in [auth]: {', '.join(sorted(_AUTH_PARSERS))}")
+    values["auth"] = dataclasses.replace(values.get("auth", AuthConfig()),
+                                         **{key: _AUTH_PARSERS[key](value, where)})
 
 
 def load_config(
@@ -379,9 +530,9 @@ def load_config(
     for name, value in environ.items():
         if name.startswith(ENV_PREFIX) and name not in CLIENT_ENV:
             key = name[len(ENV_PREFIX):].lower()
-            if key not in _PARSERS:
-                raise ConfigError(f"unknown environment variable {name}; "
-                                  f"known: {', '.join(ENV_PREFIX + k.upper() for k in _PARSERS)}")
+            if key not in _PARSERS and key not in _AUTH_PARSERS:
+                known = ", ".join(ENV_PREFIX + k.upper() for k in [*_PARSERS, *_AUTH_PARSERS])
+                raise ConfigError(f"unknown environment variable {name}; known: {known}")
             _apply(values, {key: value}, f"environment {name}")
     for name, key in CONVENTIONAL_ENV.items():
         if key not in values and environ.get(name):
@@ -397,4 +548,9 @@ def load_config(
 
 def config_fields() -> list[str]:
     """Names of every scalar option, in declaration order (for docs and tests)."""
-    return [f.name for f in dataclasses.fields(Config) if f.name != "channels"]
+    return [f.name for f in dataclasses.fields(Config) if f.name not in ("channels", "auth")]
+
+
+def auth_fields() -> list[str]:
+    """Names of every option of the ``[auth]`` table, in declaration order."""
+    return [f.name for f in dataclasses.fields(AuthConfig)]

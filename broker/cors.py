@@ -8,13 +8,13 @@ A page on another origin (an app at ``http://localhost:3000`` using the broker a
 - The browser client and the files it imports are public code: served to any
   origin (``Access-Control-Allow-Origin: *``), so ``import { Realtime } from
   'http://broker:8765/tokenfan.js'`` works from any page.
-- The API (emit, history, ``/ai/*``, health) answers an allowed origin only.
-  Until the allow-list becomes configuration (with authentication), the allowed
-  origins are the loopback ones on any port (``http://localhost:3000``,
-  ``http://127.0.0.1:5173``, ``http://[::1]:8000``, http or https), which is
-  what a developer running ``make run`` beside an app needs, and never a page
-  from elsewhere, which could otherwise make a visitor's browser emit into a
-  broker on their machine.
+- The API (emit, history, ``/ai/*``, health) answers an allowed origin only:
+  those listed in ``[auth] allowed_origins`` (``*`` for any). While that list is
+  empty, the allowed origins are the loopback ones on any port
+  (``http://localhost:3000``, ``http://127.0.0.1:5173``, ``http://[::1]:8000``,
+  http or https), which is what a developer running ``make run`` beside an app
+  needs, and never a page from elsewhere, which could otherwise make a
+  visitor's browser emit into a broker on their machine.
 
 Requests without an ``Origin`` header (curl, servers, same-origin GETs) are not
 affected: CORS is the browser's rule, and these headers only relax it.
@@ -31,10 +31,13 @@ _ALLOWED_HEADERS = frozenset({"content-type", "authorization"})
 _PREFLIGHT_MAX_AGE = "600"
 
 
-def origin_allowed(origin: str) -> bool:
-    """Whether a page from ``origin`` may use the API: a loopback origin on any port."""
+def origin_allowed(origin: str, allowed: tuple[str, ...] = ()) -> bool:
+    """Whether a page from ``origin`` may use the API: one of ``allowed`` (``*``: any), or while
+    that is empty, a loopback origin on any port."""
     if len(origin) > 200:
         return False
+    if allowed:
+        return "*" in allowed or origin.lower() in allowed
     try:
         parts = urllib.parse.urlsplit(origin)
         port_ok = parts.port is None or parts.port > 0  # .port raises on a bad or out-of-range port
@@ -56,14 +59,15 @@ def same_origin(origin: str, host: str | None) -> bool:
     return parts.scheme in ("http", "https") and parts.netloc.lower() == host.strip().lower()
 
 
-def response_headers(origin: str | None, *, public: bool) -> tuple[tuple[str, str], ...]:
+def response_headers(origin: str | None, *, public: bool,
+                     allowed: tuple[str, ...] = ()) -> tuple[tuple[str, str], ...]:
     """The CORS headers for an answer to a request from ``origin`` (None: no Origin header).
 
     ``public`` resources (the client's files) go to anyone; the rest to allowed origins.
     """
     if public:
         return (("Access-Control-Allow-Origin", "*"),)
-    if origin is not None and origin_allowed(origin):
+    if origin is not None and origin_allowed(origin, allowed):
         return (("Access-Control-Allow-Origin", origin), ("Vary", "Origin"))
     return ()
 
@@ -73,7 +77,8 @@ class PreflightRefused(ValueError):
 
 
 def preflight_headers(origin: str | None, method: str | None, headers: str | None,
-                      allowed_methods: tuple[str, ...], *, public: bool) -> tuple[tuple[str, str], ...]:
+                      allowed_methods: tuple[str, ...], *, public: bool,
+                      allowed: tuple[str, ...] = ()) -> tuple[tuple[str, str], ...]:
     """The headers of a ``204`` answer to a preflight, or :class:`PreflightRefused` naming the problem.
 
     Args:
@@ -83,9 +88,10 @@ def preflight_headers(origin: str | None, method: str | None, headers: str | Non
     """
     if origin is None or method is None:
         raise PreflightRefused("a preflight OPTIONS request needs Origin and Access-Control-Request-Method")
-    if not public and not origin_allowed(origin):
+    if not public and not origin_allowed(origin, allowed):
+        listed = ", ".join(allowed) if allowed else "loopback origins such as http://localhost:3000"
         raise PreflightRefused(f"origin {origin[:200]!r} may not use this broker's API "
-                               "(allowed: loopback origins such as http://localhost:3000)")
+                               f"(allowed: {listed[:300]}; see allowed_origins)")
     if method not in allowed_methods:
         raise PreflightRefused(f"this path accepts {', '.join(allowed_methods)}, not {method[:40]!r}")
     asked = {name.strip().lower() for name in (headers or "").split(",") if name.strip()}
@@ -93,7 +99,7 @@ def preflight_headers(origin: str | None, method: str | None, headers: str | Non
     if refused:
         raise PreflightRefused(f"request header(s) {', '.join(sorted(refused))[:200]} are not allowed; "
                                f"allowed: {', '.join(sorted(_ALLOWED_HEADERS))}")
-    return (*response_headers(origin, public=public),
+    return (*response_headers(origin, public=public, allowed=allowed),
             ("Access-Control-Allow-Methods", ", ".join(allowed_methods)),
             ("Access-Control-Allow-Headers", ", ".join(sorted(_ALLOWED_HEADERS))),
             ("Access-Control-Max-Age", _PREFLIGHT_MAX_AGE))

@@ -32,8 +32,10 @@ import msgpack
 import trio
 
 from broker import cors
-from broker.ai.sessions import ChatRejected, parse_chat_request, result_body
+from broker.ai.sessions import CHANNEL_PREFIX, ChatRejected, parse_chat_request, result_body
+from broker.auth import APP, AuthError, Grants, bearer_credential
 from broker.httpwire import CONTINUE, HttpError, Request, RequestHead, RequestReader, response
+from broker.limits import client_address
 from broker.memory import MemoryBudget
 from broker.sockio import receive_some
 from broker.static import STATIC_FILES
@@ -56,6 +58,17 @@ class Upgrade:
 
     head: RequestHead
     trailing: bytes
+    client: str  #: the client's address (from X-Forwarded-For when the peer is a trusted proxy)
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One API request, with who made it: the client's address and what its credential grants."""
+
+    head: RequestHead
+    body: bytes
+    client: str
+    grants: Grants
 
 
 def json_body(payload: object) -> bytes:
@@ -137,25 +150,42 @@ def parse_event(broker: Broker, item: object, where: str) -> tuple[str, str, Any
 
 
 
-Handler = Callable[["Broker", Request], bytes]
+Handler = Callable[["Broker", Call], bytes]
 
 
-def _index(broker: Broker, request: Request) -> bytes:
-    """The demo chat (broker/static/index.html), on the browser client."""
+def _index(broker: Broker, call: Call) -> bytes:
+    """The demo chat (broker/static/index.html), on the browser client, while ``demo`` is on."""
+    if not broker.config.demo_enabled:
+        raise ApiError(404, "the demo page is off (demo = false, the default once [auth] is configured)")
     body, content_type = STATIC_FILES["/index.html"]
     return response(200, body, content_type, headers=(("Cache-Control", "no-cache"),))
 
 
-def _health(broker: Broker, request: Request) -> bytes:
+def _health(broker: Broker, call: Call) -> bytes:
     return response(200, json_body(broker.health()))
 
 
-def _ws_without_upgrade(broker: Broker, request: Request) -> bytes:
+def _ws_without_upgrade(broker: Broker, call: Call) -> bytes:
     raise ApiError(426, "/ws speaks WebSocket only: send Upgrade: websocket", (("Upgrade", "websocket"),))
 
 
-def _emit(broker: Broker, request: Request) -> bytes:
-    channel, event, data, persist = parse_event(broker, parse_body(request.head, request.body), "body")
+def _may_publish(broker: Broker, call: Call, channel: str, event: str, where: str) -> None:
+    """403 unless the caller may publish ``event`` on ``channel``: an app may publish anything; a
+    user what its token's ``publish`` grants and the channel's ``client_events`` allow."""
+    grants = call.grants
+    if grants.app:
+        return
+    if not grants.may_publish(channel):
+        raise ApiError(403, f"{where}: your token does not grant publishing on {channel} "
+                            "(its publish claim)")
+    if not broker.channel_options(channel).allows_client_event(event):
+        raise ApiError(403, f"{where}: users may not publish {event} on {channel} "
+                            "(the channel's client_events)")
+
+
+def _emit(broker: Broker, call: Call) -> bytes:
+    channel, event, data, persist = parse_event(broker, parse_body(call.head, call.body), "body")
+    _may_publish(broker, call, channel, event, "body")
     try:
         pub = broker.publish(channel, event, data, persist=persist, validate=False)
     except LocalProtocolError as exc:
@@ -163,8 +193,8 @@ def _emit(broker: Broker, request: Request) -> bytes:
     return response(200, b'{"ok":true,"offset":%d,"epoch":%s}' % (pub.offset, json_body(pub.epoch)))
 
 
-def _emit_batch(broker: Broker, request: Request) -> bytes:
-    payload = parse_body(request.head, request.body)
+def _emit_batch(broker: Broker, call: Call) -> bytes:
+    payload = parse_body(call.head, call.body)
     if not isinstance(payload, dict) or not isinstance(payload.get("events"), list):
         raise ApiError(400, "body must be an object with a list 'events'")
     items = payload["events"]
@@ -172,6 +202,8 @@ def _emit_batch(broker: Broker, request: Request) -> bytes:
     if len(items) > limit:
         raise ApiError(413, f"batch has {len(items)} events; the limit is {limit}")
     events = [parse_event(broker, item, f"events[{i}]") for i, item in enumerate(items)]
+    for index, (channel, event, _data, _persist) in enumerate(events):
+        _may_publish(broker, call, channel, event, f"events[{index}]")
     # Validated in full above, so nothing below can fail half way.
     pubs = [broker.publish(channel, event, data, persist=persist, validate=False)
             for channel, event, data, persist in events]
@@ -193,8 +225,8 @@ def _json_value(value: object) -> object:
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
-def _query(request: Request) -> dict[str, str]:
-    parts = request.head.target.split("?", 1)
+def _query(call: Call) -> dict[str, str]:
+    parts = call.head.target.split("?", 1)
     try:
         pairs = urllib.parse.parse_qsl(parts[1] if len(parts) == 2 else "", strict_parsing=False,
                                        errors="strict", max_num_fields=20)
@@ -221,10 +253,10 @@ def _int_param(query: dict[str, str], key: str, default: int, low: int, high: in
     return int(raw)
 
 
-def _history(broker: Broker, request: Request) -> bytes:
+def _history(broker: Broker, call: Call) -> bytes:
     """``GET /api/history?channel=…&since=…&epoch=…&limit=…``: kept publications as JSON."""
     refuse_when_short_of_memory(broker)
-    query = _query(request)
+    query = _query(call)
     unknown = set(query) - {"channel", "since", "epoch", "limit"}
     if unknown:
         raise ApiError(400, f"unknown query parameter(s) {', '.join(sorted(unknown))}; "
@@ -235,6 +267,8 @@ def _history(broker: Broker, request: Request) -> bytes:
     problem = channel_problem(channel)
     if problem is not None:
         raise ApiError(400, problem)
+    if not call.grants.may_subscribe(channel):
+        raise ApiError(403, f"your token does not grant {channel} (its channels claim)")
     since = _int_param(query, "since", 0, 0, MAX_OFFSET)
     limit = _int_param(query, "limit", HISTORY_PAGE_DEFAULT, 1, HISTORY_PAGE_MAX)
     epoch = query.get("epoch") or None
@@ -261,17 +295,38 @@ ROUTES: dict[str, tuple[str, Handler]] = {
 }
 
 
-async def _history_in_turn(broker: Broker, request: Request) -> bytes:
+async def _history_in_turn(broker: Broker, call: Call) -> bytes:
     """``GET /api/history``, built when its turn at ``history_read_rate`` comes (shared with replays)."""
     async with broker.history_reads.turn():
-        return _history(broker, request)
+        return _history(broker, call)
 
 
-async def _ai_chat(broker: Broker, request: Request) -> bytes:
+def _limit_ai_rate(broker: Broker, call: Call) -> None:
+    """429 with ``Retry-After`` past ``ai_request_rate`` for this user (or, on an open broker, this
+    address). An app's API key is not limited here: it speaks for many users."""
+    if call.grants.app and broker.auth.required:
+        return
+    key = f"user:{call.grants.user}" if call.grants.user is not None else f"ip:{call.client}"
+    wait = broker.ai_rate.take(key, trio.current_time())
+    if wait > 0:
+        retry = str(math.ceil(wait))
+        raise ApiError(429, f"too many AI requests (ai_request_rate: {broker.config.ai_request_rate:g} a "
+                            f"second, bursts of {broker.config.ai_request_burst}); retry in {retry} s",
+                       (("Retry-After", retry),))
+
+
+def _may_use_ai(call: Call, session_id: str) -> None:
+    if not call.grants.may_use_ai(session_id):
+        raise ApiError(403, f"your token does not grant AI session {session_id[:200]!r} (its ai claim)")
+
+
+async def _ai_chat(broker: Broker, call: Call) -> bytes:
     """``POST /ai/chat``: stream an answer to ``ai-chat/{sessionId}``; answer when it ends (or 202)."""
     refuse_when_short_of_memory(broker)
     try:
-        chat = parse_chat_request(parse_body(request.head, request.body))
+        chat = parse_chat_request(parse_body(call.head, call.body))
+        _may_use_ai(call, chat.session_id)
+        _limit_ai_rate(broker, call)
         generation = broker.ai.start(chat)
     except ChatRejected as exc:
         raise ApiError(exc.status, exc.message) from None
@@ -283,22 +338,50 @@ async def _ai_chat(broker: Broker, request: Request) -> bytes:
     return response(status, json_body(body))
 
 
-async def _ai_cancel(broker: Broker, request: Request) -> bytes:
+async def _ai_cancel(broker: Broker, call: Call) -> bytes:
     """``POST /ai/cancel {"sessionId"}``: stop the session's answer; ``cancelled`` says if one ran."""
-    payload = parse_body(request.head, request.body)
+    payload = parse_body(call.head, call.body)
     session_id = payload.get("sessionId") if isinstance(payload, dict) else None
     if not isinstance(session_id, str) or not session_id:
         raise ApiError(400, 'body must be an object like {"sessionId": "..."}')
+    _may_use_ai(call, session_id)
+    _limit_ai_rate(broker, call)
     return response(200, json_body({"ok": True, "cancelled": broker.ai.cancel(session_id)}))
 
 
-AsyncHandler = Callable[["Broker", Request], Awaitable[bytes]]
+#: Lifetime of the demo page's tokens; the page asks for a fresh one before it ends.
+DEMO_TOKEN_TTL = 600.0
+
+
+async def _demo_token(broker: Broker, call: Call) -> bytes:
+    """``POST /demo/token {"sessionId"}``: a short-lived user token for the demo page's session only
+    (``ai-chat/<sessionId>``); ``token`` is null on a broker that needs none."""
+    if not broker.config.demo_enabled:
+        raise ApiError(404, "the demo is off (demo = false)")
+    payload = parse_body(call.head, call.body)
+    session_id = payload.get("sessionId") if isinstance(payload, dict) else None
+    if not isinstance(session_id, str) or not session_id:
+        raise ApiError(400, 'body must be an object like {"sessionId": "..."}')
+    channel = CHANNEL_PREFIX + session_id
+    problem = channel_problem(channel)
+    if problem is not None:
+        raise ApiError(400, f"sessionId makes a bad channel name: {problem}")
+    if not broker.auth.users:
+        return response(200, json_body({"ok": True, "token": None}))
+    _limit_ai_rate(broker, Call(head=call.head, body=b"", client=call.client, grants=Grants(user=None)))
+    token, exp = broker.auth.mint(user=f"demo:{session_id}", ttl=DEMO_TOKEN_TTL, channels=[channel],
+                                  publish=[channel], ai=[session_id])
+    return response(200, json_body({"ok": True, "token": token, "exp": exp}))
+
+
+AsyncHandler = Callable[["Broker", Call], Awaitable[bytes]]
 
 #: Routes whose answer may take a while: served with the request deadline lifted.
 ASYNC_ROUTES: dict[str, tuple[str, AsyncHandler]] = {
     "/api/history": ("GET", _history_in_turn),
     "/ai/chat": ("POST", _ai_chat),
     "/ai/cancel": ("POST", _ai_cancel),
+    "/demo/token": ("POST", _demo_token),
 }
 
 
@@ -313,7 +396,7 @@ def _methods(path: str) -> tuple[str, ...] | None:
     return (allowed, "HEAD") if allowed == "GET" else (allowed,)
 
 
-def _preflight(head: RequestHead) -> bytes:
+def _preflight(broker: Broker, head: RequestHead) -> bytes:
     """``OPTIONS``: a CORS preflight's answer (204), or 403 naming what is not allowed."""
     methods = _methods(head.path)
     if methods is None:
@@ -322,18 +405,20 @@ def _preflight(head: RequestHead) -> bytes:
     try:
         allow = cors.preflight_headers(headers.get("origin"), headers.get("access-control-request-method"),
                                        headers.get("access-control-request-headers"), methods,
-                                       public=head.path in STATIC_FILES)
+                                       public=head.path in STATIC_FILES,
+                                       allowed=broker.config.auth.allowed_origins)
     except cors.PreflightRefused as exc:
         raise ApiError(403, str(exc)) from None
     return response(204, b"", headers=allow)
 
 
-def _with_cors(head: RequestHead, reply: bytes) -> bytes:
+def _with_cors(broker: Broker, head: RequestHead, reply: bytes) -> bytes:
     """``reply`` with the CORS headers its request's ``Origin`` earns (unchanged without one)."""
     origin = head.headers.get("origin")
     if origin is None or head.method == "OPTIONS":
         return reply
-    extra = cors.response_headers(origin, public=head.path in STATIC_FILES)
+    extra = cors.response_headers(origin, public=head.path in STATIC_FILES,
+                                  allowed=broker.config.auth.allowed_origins)
     if not extra:
         return reply
     status_line_end = reply.index(b"\r\n") + 2
@@ -346,12 +431,14 @@ def _accepts(allowed: str, method: str) -> bool:
     return method == allowed or (method == "HEAD" and allowed == "GET")
 
 
-def route(broker: Broker, request: Request) -> bytes:
+def route(broker: Broker, call: Call) -> bytes:
     """The complete response to one API request (the preflight and the async routes aside)."""
-    head = request.head
+    head = call.head
     path = head.path
     if head.method == "OPTIONS":
-        return _preflight(head)
+        return _preflight(broker, head)
+    if path == "/index.html" and not broker.config.demo_enabled:
+        return _index(broker, call)  # 404, saying why
     if path in ASYNC_ROUTES:
         allowed = ASYNC_ROUTES[path][0]
         raise ApiError(405, f"{path} accepts {allowed}, not {head.method}", (("Allow", allowed),))
@@ -366,7 +453,7 @@ def route(broker: Broker, request: Request) -> bytes:
     allowed, handler = ROUTES[path]
     if not _accepts(allowed, head.method):
         raise ApiError(405, f"{path} accepts {allowed}, not {head.method}", (("Allow", allowed),))
-    reply = handler(broker, request)
+    reply = handler(broker, call)
     if head.method == "HEAD":
         reply = reply.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
     return reply
@@ -440,13 +527,14 @@ class _Connection:
             self.charge()
 
 
-async def serve_http(broker: Broker, stream: trio.SocketStream) -> Upgrade | None:
-    """Answer HTTP requests on ``stream``; return the WebSocket upgrade request if one comes."""
+async def serve_http(broker: Broker, stream: trio.SocketStream, peer: str) -> Upgrade | None:
+    """Answer HTTP requests on ``stream`` from address ``peer``; return the WebSocket upgrade
+    request if one comes."""
     config = broker.config
     conn = _Connection(stream, config.max_body_size, broker.memory)
     try:
         try:
-            upgrade = await _serve(broker, conn)
+            upgrade = await _serve(broker, conn, peer)
         except HttpError as exc:
             conn.answer(error_response(exc.status, exc.message, close=True))
             upgrade = None
@@ -459,7 +547,28 @@ async def serve_http(broker: Broker, stream: trio.SocketStream) -> Upgrade | Non
         broker.memory.change(-conn.charged - conn.queued)
 
 
-async def _serve(broker: Broker, conn: _Connection) -> Upgrade | None:
+#: Paths that need a credential (an API key or a user token) on a broker with ``[auth]``.
+_GUARDED_PREFIXES = ("/api/", "/ai/")
+
+
+def _grants(broker: Broker, head: RequestHead) -> Grants:
+    """What the request's ``Authorization: Bearer`` credential grants; 401 without a good one."""
+    if not broker.auth.required or not head.path.startswith(_GUARDED_PREFIXES) or head.method == "OPTIONS":
+        return APP
+    credential = bearer_credential(head.headers.get("authorization"))
+    if credential is None:
+        raise ApiError(401, "this broker needs a credential: send Authorization: Bearer <API key or "
+                            "user token>", (("WWW-Authenticate", 'Bearer realm="tokenfan"'),))
+    try:
+        return broker.auth.bearer(credential)
+    except AuthError as exc:
+        description = exc.reason.replace('"', "'")[:200]
+        raise ApiError(401, f"bad credential: {exc.reason}", (
+            ("WWW-Authenticate", f'Bearer realm="tokenfan", error="invalid_token", '
+                                 f'error_description="{description}"'),)) from None
+
+
+async def _serve(broker: Broker, conn: _Connection, peer: str) -> Upgrade | None:
     timeout = broker.config.handshake_timeout
     # One cancel scope for the connection, its deadline moved at the start of each
     # request: a whole request, head and body, must arrive within the handshake
@@ -473,39 +582,43 @@ async def _serve(broker: Broker, conn: _Connection) -> Upgrade | None:
             if request is None:
                 return None
             head = request.head
+            client = client_address(peer, head.headers.get("x-forwarded-for"), broker.trusted_proxies)
             host = head.headers.get("host")
             problem = broker.hosts.problem(host, http10=head.http10)
             if problem is not None:
                 raise HttpError(400 if host is None else 421, problem)
             if head.is_websocket_upgrade:
                 origin = head.headers.get("origin")
-                if origin is not None and not (cors.origin_allowed(origin)
+                allowed = broker.config.auth.allowed_origins
+                if origin is not None and not (cors.origin_allowed(origin, allowed)
                                                or cors.same_origin(origin, head.headers.get("host"))):
                     # Browsers send Origin and nothing else stops a page on any site from
                     # opening a WebSocket here; other clients send none.
+                    listed = ", ".join(allowed)[:200] if allowed else "loopback origins"
                     raise HttpError(403, f"WebSocket connections from origin {origin[:100]!r} are not "
-                                         "allowed (loopback origins and the broker's own only)")
+                                         f"allowed (allowed_origins: {listed}, and the broker's own)")
                 if head.path != "/ws":
                     raise HttpError(404, f"WebSocket endpoint is /ws, not {head.path[:200]!r}")
                 if request.body:
                     raise HttpError(400, "a WebSocket upgrade request must not have a body")
                 await conn.flush()
-                return Upgrade(head, conn.reader.buffered)
+                return Upgrade(head, conn.reader.buffered, client)
             try:
+                call = Call(head=head, body=request.body, client=client, grants=_grants(broker, head))
                 if head.path in ASYNC_ROUTES and _accepts(ASYNC_ROUTES[head.path][0], head.method):
                     await conn.flush()  # earlier pipelined answers first
                     deadline.deadline = math.inf  # the handler bounds itself (e.g. ai_time_limit)
                     try:
-                        reply = await ASYNC_ROUTES[head.path][1](broker, request)
+                        reply = await ASYNC_ROUTES[head.path][1](broker, call)
                     finally:
                         deadline.deadline = trio.current_time() + timeout
                     if head.method == "HEAD":
                         reply = reply.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
                 else:
-                    reply = route(broker, request)
+                    reply = route(broker, call)
             except ApiError as exc:
                 reply = error_response(exc.status, exc.message, headers=exc.headers)
-            conn.answer(_with_cors(head, reply))
+            conn.answer(_with_cors(broker, head, reply))
             if not head.keep_alive:
                 return None
             if conn.queued > _MAX_QUEUED:

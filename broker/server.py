@@ -36,12 +36,15 @@ import trio
 import protocol as p
 from broker.admission import HttpPhaseGate
 from broker.ai.sessions import CHANNEL_PREFIX, AiService
+from broker.auth import Authenticator
 from broker.backlog import Backlog, BacklogStatistics
-from broker.config import ChannelOptions, Config
+from broker.config import ChannelOptions, Config, ConfigError
+from broker.deadlines import Deadlines
 from broker.history import EngineStatistics, MemoryEngine
 from broker.hosts import HostPolicy
 from broker.http import Upgrade, error_response, serve_http
 from broker.hub import Hub, HubStatistics, Publication
+from broker.limits import AddressCount, KeyedRate, parse_networks
 from broker.memory import MemoryBudget, default_memory_limit
 from broker.pacing import SharedRate
 from broker.ws import WsConnection
@@ -108,6 +111,15 @@ class Broker:
                                        per_address=self.config.max_http_connections_per_ip)
         self._accept_failures = 0
         self._accept_failure_logged = -math.inf
+        config = self.config
+        self.auth = Authenticator(config.auth)  # raises ConfigError for an unreadable key file
+        self.trusted_proxies = parse_networks(config.trusted_proxies)
+        self.connections_per_ip = AddressCount(config.max_connections_per_ip)
+        # Upgrades per address: bursts of 5 seconds' worth.
+        self.upgrade_rate = KeyedRate(config.upgrade_rate_per_ip, 5 * config.upgrade_rate_per_ip)
+        # /ai/chat, /ai/cancel and demo tokens per user (token sub) or address.
+        self.ai_rate = KeyedRate(config.ai_request_rate, config.ai_request_burst)
+        self.expiry = Deadlines()
 
     # -- emitting ------------------------------------------------------------------
 
@@ -180,6 +192,9 @@ class Broker:
         :attr:`port` is then the real port (useful with port 0).
         """
         config = self.config
+        problem = config.insecure_bind_problem()
+        if problem is not None:
+            raise ConfigError(problem)
         listeners = await trio.open_tcp_listeners(config.port, host=config.host)
         self.port = listeners[0].socket.getsockname()[1]
         try:
@@ -189,6 +204,7 @@ class Broker:
                 nursery.start_soon(self._heartbeat)
                 nursery.start_soon(self._shed_memory)
                 nursery.start_soon(self._sweep_history)
+                nursery.start_soon(self.expiry.run)
                 accept_scope = trio.CancelScope()
                 nursery.start_soon(self._accept_loop, listeners, nursery, accept_scope)
                 self._accepting = True
@@ -302,7 +318,7 @@ class Broker:
                 await stream.send_all(error_response(503, problem, close=True))
             return None
         try:
-            return await serve_http(self, stream)
+            return await serve_http(self, stream, address)
         finally:
             self.http_gate.leave(address)
 

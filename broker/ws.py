@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
+import time
+import urllib.parse
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import msgpack
 import trio
@@ -33,6 +36,7 @@ from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
 from wsproto.utilities import generate_accept_token
 
 import protocol as p
+from broker.auth import APP, AuthError, Grants
 from broker.http import error_response
 from broker.hub import MAX_REPLAY
 from broker.memory import MemoryBudget
@@ -106,6 +110,18 @@ def bye_frames(code: p.Code, msg: str) -> bytes:
     return p.ws_frame(bye) + p.ws_close_frame(code, msg)
 
 
+def _query_token(target: str) -> str | None:
+    """The ``token`` query parameter of an upgrade's target (``/ws?token=…``), or None."""
+    _, _, query = target.partition("?")
+    if not query:
+        return None
+    try:
+        values = urllib.parse.parse_qs(query, max_num_fields=20, errors="strict").get("token")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return values[0] if values else None
+
+
 def handshake_problem(head: RequestHead) -> str | None:
     """What is wrong with a WebSocket upgrade request (RFC 6455 §4.2.1), or None.
 
@@ -149,10 +165,11 @@ class WsConnection:
     heartbeat task pings every connection and enforces the idle timeout.
     """
 
-    __slots__ = ("_input_allowance", "_input_checked", "_last_heard", "_message", "_message_started",
+    __slots__ = ("_counted_address", "_frame_allowance", "_frame_checked", "_frames_refused",
+                 "_input_allowance", "_input_checked", "_last_heard", "_message", "_message_started",
                  "_pub_allowance", "_pub_checked", "_replay_allowance", "_replay_checked",
-                 "_writer_scope", "broker", "close_code", "decoder", "fd", "frames_received", "outbox",
-                 "stream", "subscriptions", "ws")
+                 "_writer_scope", "broker", "client", "close_code", "deadline", "decoder", "fd",
+                 "frames_received", "grants", "outbox", "stream", "subscriptions", "ws")
 
     def __init__(self, broker: Broker, stream: trio.SocketStream) -> None:
         self.broker = broker
@@ -185,6 +202,15 @@ class WsConnection:
         # Token bucket for replays: replay_rate bytes a second, bursts of one full recovery.
         self._replay_allowance = float(REPLAY_READ_FACTOR * config.outbox_limit)
         self._replay_checked = self._pub_checked
+        # Token bucket for frames of any kind: client_frame_rate a second, bursts of client_frame_burst.
+        self._frame_allowance = float(config.client_frame_burst)
+        self._frame_checked = self._pub_checked
+        self._frames_refused = 0  # refused in a row: past client_frame_burst, the client is cut
+        # What the client may do: everything on an open broker; None until it authenticates.
+        self.grants: Grants | None = None if broker.auth.users else APP
+        self.deadline = math.inf  # when the token expires (or the authentication is due); see Deadlines
+        self.client = ""  # the client's address (X-Forwarded-For read when from a trusted proxy)
+        self._counted_address: str | None = None
 
     def statistics(self) -> ConnectionStatistics:
         return ConnectionStatistics(subscriptions=len(self.subscriptions),
@@ -213,6 +239,10 @@ class WsConnection:
         for channel in self.subscriptions:
             self.broker.hub.unsubscribe(channel, self.outbox)
         self.subscriptions.clear()
+        self.broker.expiry.clear(self)
+        if self._counted_address is not None:
+            self.broker.connections_per_ip.leave(self._counted_address)
+            self._counted_address = None
         self.outbox.abort()  # what a reader that never read left queued is released, not leaked
         self.broker.memory.change(-len(self._message))
         self._message.clear()
@@ -221,6 +251,7 @@ class WsConnection:
         """Send ``bye`` and a close frame after what is queued, then end (within ``shutdown_timeout``)."""
         if self.outbox.state is not OutboxState.OPEN:
             return
+        self.broker.expiry.clear(self)
         self.close_code = code
         self.outbox.close(bye_frames(code, msg))
         self._limit_linger()
@@ -251,30 +282,79 @@ class WsConnection:
         self.broker.count_slow_disconnect()
         self._limit_linger()
 
+    def deadline_passed(self, now: float) -> None:
+        """Called by the broker's :class:`~broker.deadlines.Deadlines` when :attr:`deadline` comes."""
+        if self.grants is None:
+            self.close(p.Code.UNAUTHORIZED, "no token within handshake_timeout: send hello {token} as "
+                                            "the first frame, or connect with ?token=")
+        else:
+            self.close(p.Code.TOKEN_EXPIRED, "your token expired: send hello {token} with a fresh one "
+                                             "before exp; reconnect with a new token")
+
+    def _authenticate(self, token: str) -> str | None:
+        """Verify ``token`` and take its grants (the first, or a refresh); None, or why it failed."""
+        auth = self.broker.auth
+        try:
+            grants = auth.verify(token, now=time.time())
+        except AuthError as exc:
+            return exc.reason
+        if self.grants is not None and grants.user != self.grants.user:
+            return (f"a fresh token must be for the same user: this connection is {self.grants.user!r}, "
+                    f"the token is for {grants.user!r}")
+        self.grants = grants
+        # exp is wall-clock time; deadlines run on Trio's clock.
+        self.broker.expiry.set(self, trio.current_time() + (grants.exp - time.time()))
+        return None
+
     async def handshake(self, upgrade: Upgrade) -> bool:
         """Accept the WebSocket upgrade; False if it was refused (and answered) or the broker is full."""
         problem = handshake_problem(upgrade.head)
         if problem is not None:
             await self._reject(400, f"bad WebSocket handshake: {problem}")
             return False
+        broker = self.broker
+        self.client = upgrade.client
+        wait = broker.upgrade_rate.take(self.client, trio.current_time())
+        if wait > 0:
+            await self._reject(429, f"too many WebSocket connections from your address "
+                                    f"(upgrade_rate_per_ip: {broker.config.upgrade_rate_per_ip:g} a second); "
+                                    f"retry in {math.ceil(wait)} s",
+                               headers=(("Retry-After", str(math.ceil(wait))),))
+            return False
         key = upgrade.head.headers["sec-websocket-key"].encode("ascii")
         self.ws = wsproto.connection.Connection(wsproto.ConnectionType.SERVER)
         self.outbox.offer(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                           b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
                           + generate_accept_token(key) + b"\r\n\r\n")
-        if self.broker.at_connection_limit():
+        refusal = None
+        if broker.at_connection_limit():
+            refusal = "server is at its connection limit"
+        elif not broker.connections_per_ip.enter(self.client):
+            refusal = (f"your address holds {broker.config.max_connections_per_ip} connections "
+                       "(max_connections_per_ip)")
+        else:
+            self._counted_address = self.client
+        if refusal is not None:
             # Accept, then say why we close: clients see a documented code, not a reset.
-            self.close(p.Code.TOO_MANY_CONNECTIONS, "server is at its connection limit")
+            self.close(p.Code.TOO_MANY_CONNECTIONS, refusal)
             with self._writer_scope:
                 await self.outbox.run_writer()
             return False
+        if self.grants is None:
+            token = _query_token(upgrade.head.target)
+            if token is None:
+                # The token comes in the first frame, within the handshake's time.
+                broker.expiry.set(self, trio.current_time() + broker.config.handshake_timeout)
+            elif (reason := self._authenticate(token)) is not None:
+                self.close(p.Code.UNAUTHORIZED, f"bad token in ?token=: {reason}")
+                return True  # the writer sends the bye
         if upgrade.trailing:
             await self._receive(upgrade.trailing)
         return True
 
-    async def _reject(self, status: int, message: str) -> None:
+    async def _reject(self, status: int, message: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
         with trio.move_on_after(self.broker.config.shutdown_timeout):
-            await self.stream.send_all(error_response(status, message, close=True))
+            await self.stream.send_all(error_response(status, message, close=True, headers=headers))
 
     # -- reading --------------------------------------------------------------
 
@@ -353,12 +433,49 @@ class WsConnection:
                 self.reply_urgent(p.Err(id=exc.id, code=exc.code, msg=exc.msg))
                 continue
             self.frames_received += 1
+            if not self._admit(cast(p.ClientFrame, frame)):  # a client decoder yields client frames
+                if self.outbox.state is not OutboxState.OPEN:
+                    return
+                continue
             if isinstance(frame, p.Sub):
                 await self._subscribe(frame)
             else:
                 self._handle(frame)
             if self.outbox.state is not OutboxState.OPEN:
                 return
+
+    def _admit(self, frame: p.ClientFrame) -> bool:
+        """Whether to handle ``frame``: the client authenticated (or does now) and is within its rate.
+
+        Refusals are answered here: ``bye`` UNAUTHORIZED before authentication, ``err``
+        RATE_LIMITED past ``client_frame_rate``, and ``bye`` once the client has gone on
+        sending a whole burst's worth of refused frames.
+        """
+        if self.grants is None:
+            if isinstance(frame, p.Hello) and frame.token is not None:
+                return True  # handled (and verified) like a refresh
+            self.close(p.Code.UNAUTHORIZED, "authenticate first: send hello {token} as the first frame, "
+                                            "or connect with ?token=")
+            return False
+        config = self.broker.config
+        now = trio.current_time()
+        rate = config.client_frame_rate
+        self._frame_allowance = min(config.client_frame_burst,
+                                    self._frame_allowance + (now - self._frame_checked) * rate)
+        self._frame_checked = now
+        if self._frame_allowance >= 1:
+            self._frame_allowance -= 1
+            self._frames_refused = 0
+            return True
+        self._frames_refused += 1
+        if self._frames_refused > config.client_frame_burst:
+            self.close(p.Code.RATE_LIMITED, f"more than {rate:g} frames a second (client_frame_rate), "
+                                            "and more went on coming after they were refused")
+        else:
+            self.reply_urgent(p.Err(id=frame.id, code=p.Code.RATE_LIMITED,
+                                    msg=f"more than {rate:g} frames a second from this connection "
+                                        "(client_frame_rate); retry later"))
+        return False
 
     # -- commands ---------------------------------------------------------------
 
@@ -399,7 +516,18 @@ class WsConnection:
         elif isinstance(frame, p.Ping):
             self.reply_urgent(p.Ok(id=frame.id))
         elif isinstance(frame, p.Hello):
-            self.reply_urgent(p.Ok(id=frame.id, server=SERVER_NAME))
+            grants = self.grants
+            if broker.auth.users and frame.token is not None:
+                reason = self._authenticate(frame.token)
+                if reason is not None:
+                    self.close(p.Code.UNAUTHORIZED, f"bad token: {reason}")
+                    return
+                grants = self.grants
+            if grants is None or grants.app:
+                self.reply_urgent(p.Ok(id=frame.id, server=SERVER_NAME))
+            else:
+                self.reply_urgent(p.Ok(id=frame.id, server=SERVER_NAME, user=grants.user,
+                                       exp=int(grants.exp)))
         else:  # pragma: no cover
             raise AssertionError(f"unhandled client frame {frame!r}")
 
@@ -411,6 +539,9 @@ class WsConnection:
         connection: one client cannot fill the history everyone shares.
         """
         config = self.broker.config
+        if self.grants is not None and not self.grants.may_publish(frame.ch):
+            return p.Code.NOT_ALLOWED, (f"your token does not grant publishing on {frame.ch} "
+                                        "(its publish claim)")
         if not self.broker.channel_options(frame.ch).allows_client_event(frame.ev):
             return p.Code.NOT_ALLOWED, f"clients may not publish {frame.ev} on {frame.ch}"
         now = trio.current_time()
@@ -435,6 +566,10 @@ class WsConnection:
         stream, so every publication still arrives exactly once.
         """
         limit = self.broker.config.max_subscriptions
+        if self.grants is not None and not self.grants.may_subscribe(frame.ch):
+            self.reply_urgent(p.Err(id=frame.id, code=p.Code.NOT_ALLOWED,
+                                    msg=f"your token does not grant {frame.ch} (its channels claim)"))
+            return
         if frame.ch in self.subscriptions:
             self.reply_urgent(p.Err(id=frame.id, code=p.Code.ALREADY_SUBSCRIBED,
                                     msg=f"already subscribed to {frame.ch}"))

@@ -70,6 +70,7 @@ _FIELD_KINDS: Final[dict[str, str]] = {
     "ch": "channel", "ev": "event",
     "o": "offset", "o0": "offset",
     "token": "text", "client": "text", "ep": "text", "msg": "text", "server": "text",
+    "user": "text", "exp": "offset",
     "recovered": "bool", "reconnect": "bool",
     "since": "position", "d": "data",
 }

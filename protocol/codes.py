@@ -53,6 +53,8 @@ class Code(IntEnum):
     IDLE_TIMEOUT = 4102
     #: The server holds as many connections as it allows; retry later.
     TOO_MANY_CONNECTIONS = 4103
+    #: The connection's token expired before a fresh one came (``hello {token}``); reconnect with a new one.
+    TOKEN_EXPIRED = 4104
 
     @property
     def reconnect(self) -> bool:
@@ -62,5 +64,5 @@ class Code(IntEnum):
 
 _RECONNECT = frozenset(
     {Code.SHUTTING_DOWN, Code.SLOW_CONSUMER, Code.IDLE_TIMEOUT, Code.TOO_MANY_CONNECTIONS,
-     Code.INTERNAL_ERROR}
+     Code.INTERNAL_ERROR, Code.TOKEN_EXPIRED}
 )

@@ -34,7 +34,8 @@ class Position:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Hello:
-    """Optional first frame: identifies the client; ``token`` is reserved for authentication."""
+    """Identifies the client; ``token`` authenticates it (the first frame, where the server
+    requires one), or, sent again later, extends the connection with a fresh token."""
 
     TYPE: ClassVar[str] = "hello"
     id: int
@@ -89,7 +90,9 @@ class Ok:
 
     For ``sub``: ``ch``, ``o`` (the channel's top offset), ``ep`` (its epoch)
     and ``recovered``. For ``pub``: ``o`` and ``ep`` of the publication. For
-    ``hello``: ``server`` names the server software.
+    ``hello``: ``server`` names the server software; on a broker that
+    authenticates, ``user`` is the token's ``sub`` and ``exp`` when it
+    expires (Unix seconds): send ``hello`` with a fresh token before then.
     """
 
     TYPE: ClassVar[str] = "ok"
@@ -99,6 +102,8 @@ class Ok:
     ep: str | None = None
     recovered: bool | None = None
     server: str | None = None
+    user: str | None = None
+    exp: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.target import ONE_ADDRESS_MANY_CLIENTS
+
 # The in-process broker fixtures (start_broker, broker, open_raw) serve here too.
 from tests.broker.conftest import broker, open_raw, start_broker  # noqa: F401
 
@@ -61,6 +63,7 @@ def hostile_broker(tmp_path: Path) -> Iterator[StartHostile]:
                 resource.setrlimit(resource.RLIMIT_NOFILE, open_files)
 
         env = {key: value for key, value in os.environ.items() if not key.startswith("TOKENFAN_")}
+        env.update(ONE_ADDRESS_MANY_CLIENTS)  # the tests' clients all come from 127.0.0.1
         env.update({f"TOKENFAN_{key.upper()}": str(value) for key, value in settings.items()})
         log = tmp_path / f"broker-{len(started)}.log"
         with log.open("wb") as sink:

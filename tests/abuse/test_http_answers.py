@@ -174,7 +174,7 @@ def test_websockets_from_foreign_origins_are_refused(served: ServedBroker) -> No
 
 
 def test_a_page_the_broker_served_itself_may_open_a_websocket(hostile_broker: StartHostile) -> None:
-    served = hostile_broker(host="0.0.0.0")  # reached by its LAN address, say
+    served = hostile_broker(host="0.0.0.0", allow_insecure="true")  # reached by its LAN address, say
     upgrade = (b"GET /ws HTTP/1.1\r\nHost: 192.168.1.5:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n" % served.port)
     same = upgrade + b"Origin: http://192.168.1.5:%d\r\n\r\n" % served.port

@@ -15,15 +15,23 @@ from broker import Broker, Config
 from tests.broker.rawclient import RawClient
 
 StartBroker = Callable[..., Awaitable[Broker]]
+#: Per-address limits lifted: a test's many clients share one address.
+ONE_ADDRESS_MANY_CLIENTS: dict[str, Any] = {"max_connections_per_ip": 1_000_000,
+                                            "upgrade_rate_per_ip": 1_000_000.0}
 OpenRaw = Callable[..., Awaitable[RawClient]]
 
 
 @pytest.fixture
 def start_broker(nursery: trio.Nursery) -> StartBroker:
-    """Start a broker with ``Config(port=0, **overrides)``; it stops when the test ends."""
+    """Start a broker with ``Config(port=0, **overrides)``; it stops when the test ends.
+
+    Every client of a test comes from 127.0.0.1: the per-address limits are lifted unless a
+    test sets them.
+    """
 
     async def start(**overrides: Any) -> Broker:
-        broker = Broker(Config(port=0, **overrides))
+        settings = {**ONE_ADDRESS_MANY_CLIENTS, **overrides}
+        broker = Broker(Config(port=0, **settings))
         await nursery.start(broker.serve)
         return broker
 

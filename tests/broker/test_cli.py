@@ -268,9 +268,9 @@ async def test_help_lists_the_exit_codes() -> None:
 async def test_an_unknown_option_shows_the_usage_of_the_command_it_was_given_to() -> None:
     result = await run("serve", "--bogus")
     assert result.returncode == 2
-    assert result.stderr.decode().splitlines() == [
-        "usage: tokenfan serve [-h] [--host HOST] [--port PORT] [--config CONFIG]",
-        "tokenfan serve: error: unrecognized arguments: --bogus"]
+    lines = result.stderr.decode().splitlines()
+    assert lines[0].startswith("usage: tokenfan serve [-h] [--host HOST] [--port PORT]")
+    assert lines[-1] == "tokenfan serve: error: unrecognized arguments: --bogus"
     result = await run("tail", "x", "--bogus")
     assert result.returncode == 2
     assert result.stderr.decode().splitlines()[-1] == "tokenfan tail: error: unrecognized arguments: --bogus"

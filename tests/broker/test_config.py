@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import ChannelOptions, Config, ConfigError, SlowPolicy, config_fields, load_config
+from broker.config import (
+    AuthConfig,
+    ChannelOptions,
+    Config,
+    ConfigError,
+    SlowPolicy,
+    auth_fields,
+    config_fields,
+    load_config,
+)
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
@@ -78,6 +87,57 @@ def test_docs_list_every_option_with_its_default() -> None:
     for name, shown in rows.items():
         parsed = load_config(env={f"TOKENFAN_{name.upper()}": shown})
         assert getattr(parsed, name) == getattr(defaults, name), name
+
+
+def test_docs_list_every_auth_option_with_its_variable() -> None:
+    text = DOC.read_text()
+    table = text.split("<!-- auth-options-table")[1].split("<!-- /auth-options-table -->")[0]
+    rows = dict(re.findall(r"^\| `(\w+)` \| `(\w+)` \|", table, re.MULTILINE))
+    assert list(rows) == auth_fields()
+    assert all(variable == f"TOKENFAN_{name.upper()}" for name, variable in rows.items())
+
+
+def test_auth_table_and_environment(tmp_path: Path) -> None:
+    path = tmp_path / "tokenfan.toml"
+    path.write_text('[auth]\njwt_audience = "chat"\nallowed_origins = ["https://App.example.com"]\n')
+    secret = "s" * 32
+    keys = "k" * 16 + ",q" + "q" * 16
+    config = load_config(path, env={"TOKENFAN_JWT_SECRET": secret, "TOKENFAN_API_KEYS": keys})
+    assert config.auth == AuthConfig(jwt_secret=(secret,), jwt_audience="chat", api_keys=("k" * 16, "q" * 17),
+                                     allowed_origins=("https://app.example.com",))
+    assert config.auth.configured and not config.demo_enabled
+    assert Config().demo_enabled and not Config().auth.configured
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "message"),
+    [
+        ('[auth]\njwt_secret = "hunter2"', {}, "auth.jwt_secret (file"),
+        ("[auth]\napi_keys = [\"x\"]", {}, "key #1 must be a string of at least 16 bytes"),
+        ("[auth]\nallowed_origins = [\"https://a.example.com/path\"]", {}, "is not an origin"),
+        ("[auth]\nsecret = 1", {}, "unknown option auth.secret"),
+        ("", {"TOKENFAN_JWT_SECRET": "tiny"}, "jwt_secret (environment TOKENFAN_JWT_SECRET)"),
+        ("trusted_proxies = [\"10.0.0.0/33\"]", {}, "is not an address or a network"),
+        ("demo = true\n[auth]\napi_keys = [\"" + "k" * 16 + "\"]", {}, "the demo page needs jwt_secret"),
+    ],
+)
+def test_bad_auth_options_are_named_and_secrets_never_shown(tmp_path: Path, toml: str, env: dict[str, str],
+                                                            message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env=env)
+    assert message in str(info.value)
+    assert "hunter2" not in str(info.value) and "tiny" not in str(info.value)
+
+
+def test_a_non_loopback_host_without_auth_is_refused_unless_insecure_is_asked_for() -> None:
+    problem = Config(host="0.0.0.0").insecure_bind_problem()
+    assert problem is not None and "allow_insecure" in problem and "--insecure" in problem
+    assert Config(host="0.0.0.0", allow_insecure=True).insecure_bind_problem() is None
+    assert Config(host="0.0.0.0", auth=AuthConfig(api_keys=("k" * 16,))).insecure_bind_problem() is None
+    assert Config(host="::1").insecure_bind_problem() is None
+    assert Config(host="localhost").insecure_bind_problem() is None
 
 
 def test_docs_list_every_channel_option() -> None:
