@@ -427,6 +427,9 @@ class WsConnection:
                     decoder.end_of_message()
                     return
             except p.RemoteProtocolError as exc:
+                if self.grants is None:  # nothing but a good hello is answered before authentication
+                    self.close(p.Code.UNAUTHORIZED, f"authenticate first: send hello {{token}}; {exc.msg}")
+                    return
                 if exc.id is None:
                     self.close(exc.code, exc.msg)
                     return

@@ -69,7 +69,7 @@ _FIELD_KINDS: Final[dict[str, str]] = {
     "id": "id", "code": "code",
     "ch": "channel", "ev": "event",
     "o": "offset", "o0": "offset",
-    "token": "text", "client": "text", "ep": "text", "msg": "text", "server": "text",
+    "token": "token", "client": "text", "ep": "text", "msg": "text", "server": "text",
     "user": "text", "exp": "offset",
     "recovered": "bool", "reconnect": "bool",
     "since": "position", "d": "data",
@@ -217,11 +217,12 @@ def _check_field(name: str, value: object, limits: Limits) -> tuple[object, str 
         return value, channel_problem(value, limits)
     if kind == "event":
         return value, event_problem(value, limits)
-    if kind == "text":
+    if kind in ("text", "token"):
         if not isinstance(value, str):
             return value, f"{name} must be a string, got {type(value).__name__}"
-        if len(value) > limits.max_text_len:
-            return value, f"{name} is longer than {limits.max_text_len} characters"
+        longest = limits.max_token_len if kind == "token" else limits.max_text_len
+        if len(value) > longest:
+            return value, f"{name} is longer than {longest} characters"
         return value, None
     # kind == "position"
     if not isinstance(value, dict):

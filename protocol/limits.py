@@ -22,7 +22,8 @@ class Limits:
         max_frame_size: largest encoded frame, in bytes.
         max_channel_len: longest channel name, in characters.
         max_event_len: longest event name, in characters.
-        max_text_len: longest other text field (token, epoch, client, msg), in characters.
+        max_text_len: longest other text field (epoch, client, msg, user), in characters.
+        max_token_len: longest ``token`` (a JWT: RS256 signatures and grant lists make them long).
         max_nesting: deepest nesting of arrays and maps inside ``d``.
     """
 
@@ -30,11 +31,12 @@ class Limits:
     max_channel_len: int = 255
     max_event_len: int = 128
     max_text_len: int = 1024
+    max_token_len: int = 8192
     max_nesting: int = 32
 
     def __post_init__(self) -> None:
         for name in ("max_frame_size", "max_channel_len", "max_event_len", "max_text_len",
-                     "max_nesting"):
+                     "max_token_len", "max_nesting"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Limits.{name} must be a positive integer, got {value!r}")
