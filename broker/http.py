@@ -556,16 +556,19 @@ def _grants(broker: Broker, head: RequestHead) -> Grants:
     if not broker.auth.required or not head.path.startswith(_GUARDED_PREFIXES) or head.method == "OPTIONS":
         return APP
     credential = bearer_credential(head.headers.get("authorization"))
+    broker.auth_refused += 1  # taken back below when the credential is good
     if credential is None:
         raise ApiError(401, "this broker needs a credential: send Authorization: Bearer <API key or "
                             "user token>", (("WWW-Authenticate", 'Bearer realm="tokenfan"'),))
     try:
-        return broker.auth.bearer(credential)
+        grants = broker.auth.bearer(credential)
     except AuthError as exc:
         description = exc.reason.replace('"', "'")[:200]
         raise ApiError(401, f"bad credential: {exc.reason}", (
             ("WWW-Authenticate", f'Bearer realm="tokenfan", error="invalid_token", '
                                  f'error_description="{description}"'),)) from None
+    broker.auth_refused -= 1
+    return grants
 
 
 async def _serve(broker: Broker, conn: _Connection, peer: str) -> Upgrade | None:

@@ -96,6 +96,7 @@ class Broker:
         self.port: int | None = None
         self._tcp_connections = 0
         self._slow_disconnects = 0
+        self.auth_refused = 0  #: WebSocket clients and HTTP requests refused for want of a good credential
         self._accepting = False
         self._shutdown = trio.Event()
         self._drained = trio.Event()  # set when shutting down and the last connection has ended
@@ -375,7 +376,8 @@ class Broker:
                 "recoveries": stats.hub.recoveries, "recovery_misses": stats.hub.recovery_misses,
                 "coalesced": stats.backlog.coalesced, "dropped": stats.backlog.dropped,
                 "slow_disconnects": stats.slow_disconnects, "memory_used": self.memory.used,
-                "memory_limit": self.memory.limit, "memory_shed": self.memory.shed_count}
+                "memory_limit": self.memory.limit, "memory_shed": self.memory.shed_count,
+                "auth_refused": self.auth_refused}
 
 
 async def serve(config: Config | None = None, *,

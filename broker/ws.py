@@ -285,11 +285,17 @@ class WsConnection:
     def deadline_passed(self, now: float) -> None:
         """Called by the broker's :class:`~broker.deadlines.Deadlines` when :attr:`deadline` comes."""
         if self.grants is None:
-            self.close(p.Code.UNAUTHORIZED, "no token within handshake_timeout: send hello {token} as "
+            self._refuse("no token within handshake_timeout: send hello {token} as "
                                             "the first frame, or connect with ?token=")
         else:
             self.close(p.Code.TOKEN_EXPIRED, "your token expired: send hello {token} with a fresh one "
                                              "before exp; reconnect with a new token")
+
+    def _refuse(self, msg: str) -> None:
+        """End the connection with ``bye`` UNAUTHORIZED, counted in ``/healthz`` (never logged: a
+        flood of bad tokens must not flood the log, and tokens are secrets)."""
+        self.broker.auth_refused += 1
+        self.close(p.Code.UNAUTHORIZED, msg)
 
     def _authenticate(self, token: str) -> str | None:
         """Verify ``token`` and take its grants (the first, or a refresh); None, or why it failed."""
@@ -346,7 +352,7 @@ class WsConnection:
                 # The token comes in the first frame, within the handshake's time.
                 broker.expiry.set(self, trio.current_time() + broker.config.handshake_timeout)
             elif (reason := self._authenticate(token)) is not None:
-                self.close(p.Code.UNAUTHORIZED, f"bad token in ?token=: {reason}")
+                self._refuse(f"bad token in ?token=: {reason}")
                 return True  # the writer sends the bye
         if upgrade.trailing:
             await self._receive(upgrade.trailing)
@@ -428,7 +434,7 @@ class WsConnection:
                     return
             except p.RemoteProtocolError as exc:
                 if self.grants is None:  # nothing but a good hello is answered before authentication
-                    self.close(p.Code.UNAUTHORIZED, f"authenticate first: send hello {{token}}; {exc.msg}")
+                    self._refuse(f"authenticate first: send hello {{token}}; {exc.msg}")
                     return
                 if exc.id is None:
                     self.close(exc.code, exc.msg)
@@ -457,7 +463,7 @@ class WsConnection:
         if self.grants is None:
             if isinstance(frame, p.Hello) and frame.token is not None:
                 return True  # handled (and verified) like a refresh
-            self.close(p.Code.UNAUTHORIZED, "authenticate first: send hello {token} as the first frame, "
+            self._refuse("authenticate first: send hello {token} as the first frame, "
                                             "or connect with ?token=")
             return False
         config = self.broker.config
@@ -523,7 +529,7 @@ class WsConnection:
             if broker.auth.users and frame.token is not None:
                 reason = self._authenticate(frame.token)
                 if reason is not None:
-                    self.close(p.Code.UNAUTHORIZED, f"bad token: {reason}")
+                    self._refuse(f"bad token: {reason}")
                     return
                 grants = self.grants
             if grants is None or grants.app:

@@ -41,6 +41,7 @@ async def test_every_guarded_route_answers_401_without_a_good_credential(
     assert broker.engine.position("ai-chat/s1")[1] == 0  # nothing was emitted
     status, _, body = await _call(url, payload, credential=API_KEY, method=method)
     assert status in (200, 202), body
+    assert broker.health()["auth_refused"] == 3
 
 
 @pytest.mark.parametrize(("method", "path", "payload"), ROUTES)

@@ -69,6 +69,7 @@ async def test_a_bad_token_is_refused_saying_why(
     assert bye.code == p.Code.UNAUTHORIZED and not bye.reconnect
     assert reason in bye.msg, bye.msg
     assert client.close_code == p.Code.UNAUTHORIZED
+    assert broker.health()["auth_refused"] == 1
 
 
 async def test_the_audience_and_issuer_are_checked_when_configured(
