@@ -104,9 +104,8 @@ class Grants:
         return self.app or self.ai.allow(session_id)
 
 
+#: What an API key allows, and everyone on a broker without ``[auth]``: everything.
 APP = Grants(user=None, app=True)
-#: What everyone may do on a broker without ``[auth]``.
-OPEN = APP
 
 
 def _claim_patterns(claims: dict[str, Any], name: str) -> Patterns:
@@ -173,13 +172,14 @@ class Authenticator:
             found |= hmac.compare_digest(digest, key)
         return found
 
-    def bearer(self, credential: str) -> Grants:
-        """The grants of an ``Authorization: Bearer`` credential: an API key or a user token."""
+    def bearer(self, credential: str, *, now: float | None = None) -> Grants:
+        """The grants of a credential (``Authorization: Bearer``, or a WebSocket ``token``): an
+        API key or a user token."""
         if self.api_key(credential):
             return APP
         if not self.users:
             raise AuthError("not a valid API key")
-        return self.verify(credential)
+        return self.verify(credential, now=now)
 
     def verify(self, token: str, *, now: float | None = None) -> Grants:
         """Verify a user token; return its grants.

@@ -58,6 +58,20 @@ DEFAULT_HTTP_URL = "http://127.0.0.1:8765"
 DEFAULT_WS_URL = "ws://127.0.0.1:8765/ws"
 #: The broker ``emit``, ``tail`` and ``chat`` talk to when ``--url`` is not given (either form).
 URL_ENV = "TOKENFAN_URL"
+#: The credential client commands send to a broker with ``[auth]``: an API key or a user token.
+TOKEN_ENV = "TOKENFAN_TOKEN"
+
+
+def _with_token(ws_url: str, token: str | None) -> str:
+    """``ws_url`` carrying ``token`` as ``?token=`` (how a WebSocket client authenticates at once)."""
+    if not token:
+        return ws_url
+    separator = "&" if "?" in ws_url else "?"
+    return f"{ws_url}{separator}{urllib.parse.urlencode({'token': token})}"
+
+
+def _auth_headers(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 EXIT_OK = 0
 EXIT_FAILED = 1  #: a runtime failure: unreachable, refused, the stream ended
@@ -276,7 +290,8 @@ def cmd_emit(args: argparse.Namespace) -> int:
     base = _http_base(args.url)
     body = json.dumps({"channel": args.channel, "event": args.event, "data": data}).encode()
     request = urllib.request.Request(f"{base}/api/emit", data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json",
+                                              **_auth_headers(args.token)})
     try:
         with urllib.request.urlopen(request, timeout=args.timeout) as response:
             print(response.read().decode())
@@ -419,7 +434,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
         raise UsageError(problem)
     since = None if args.since is None else Position(o=args.since, ep=args.epoch)
     url = _ws_url(args.url)
-    return _run(_tail, url, args.channel, since, not args.no_reconnect, _TailOutput(args.json), url=url)
+    return _run(_tail, _with_token(url, args.token), args.channel, since, not args.no_reconnect,
+                _TailOutput(args.json), url=url)
 
 
 def _offset(text: str) -> int:
@@ -432,7 +448,7 @@ def _offset(text: str) -> int:
 
 
 async def _chat(base: str, ws_url: str, message: str, session: str, provider: str | None,
-                model: str | None) -> int:
+                model: str | None, token: str | None) -> int:
     """Watch ``ai-chat/{session}``, ask, print the answer as it streams; return the exit code.
 
     Ctrl-C asks the broker to cancel the answer (``POST /ai/cancel``); the
@@ -444,7 +460,8 @@ async def _chat(base: str, ws_url: str, message: str, session: str, provider: st
     channel = f"{CHANNEL_PREFIX}{session}"
     payload = {"message": message, "sessionId": session, "wait": False,
                **({"provider": provider} if provider else {}), **({"model": model} if model else {})}
-    async with connect(ws_url) as client, httpx.AsyncClient(base_url=base, timeout=10) as http:
+    async with (connect(_with_token(ws_url, token)) as client,
+                httpx.AsyncClient(base_url=base, timeout=10, headers=_auth_headers(token)) as http):
         try:
             sub = await client.subscribe(channel)  # listening before asking: no token is missed
         except CommandError as exc:
@@ -491,7 +508,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if problem is not None:
         raise UsageError(f"--session {session!r} makes a bad channel name: {problem}")
     base = _http_base(args.url)
-    return _run(_chat, base, _ws_url(base), args.message, session, args.provider, args.model, url=base)
+    return _run(_chat, base, _ws_url(base), args.message, session, args.provider, args.model, args.token,
+                url=base)
 
 
 # -- entry point -------------------------------------------------------------------
@@ -527,6 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
     token.set_defaults(func=cmd_token, parser=token)
 
     emit = commands.add_parser("emit", help="publish one event through the HTTP API")
+    emit.add_argument("--token", default=os.environ.get(TOKEN_ENV) or None,
+                       help=f"API key or user token for a broker with [auth] (default ${TOKEN_ENV})")
     emit.add_argument("--url", default=os.environ.get(URL_ENV) or DEFAULT_HTTP_URL,
                        help=f"broker URL (default ${URL_ENV} or {DEFAULT_HTTP_URL})")
     emit.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
@@ -536,6 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
     emit.set_defaults(func=cmd_emit, parser=emit)
 
     tail = commands.add_parser("tail", help="print a channel's events as they arrive")
+    tail.add_argument("--token", default=os.environ.get(TOKEN_ENV) or None,
+                       help=f"API key or user token for a broker with [auth] (default ${TOKEN_ENV})")
     tail.add_argument("--url", default=os.environ.get(URL_ENV) or DEFAULT_WS_URL,
                        help=f"broker URL (default ${URL_ENV} or {DEFAULT_WS_URL})")
     tail.add_argument("--json", action="store_true", help="print one JSON frame per line")
@@ -550,6 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     tail.set_defaults(func=cmd_tail, parser=tail)
 
     chat = commands.add_parser("chat", help="ask the broker's AI path and print the answer as it streams")
+    chat.add_argument("--token", default=os.environ.get(TOKEN_ENV) or None,
+                       help=f"API key or user token for a broker with [auth] (default ${TOKEN_ENV})")
     chat.add_argument("--url", default=os.environ.get(URL_ENV) or DEFAULT_HTTP_URL,
                        help=f"broker URL (default ${URL_ENV} or {DEFAULT_HTTP_URL})")
     chat.add_argument("--session", help="session id: the answer streams to ai-chat/SESSION (default: new)")

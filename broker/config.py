@@ -472,7 +472,7 @@ _PARSERS: dict[str, Any] = {
 CONVENTIONAL_ENV = {"OPENAI_BASE_URL": "openai_base_url", "OPENAI_API_KEY": "openai_api_key"}
 ENV_PREFIX = "TOKENFAN_"
 #: ``TOKENFAN_*`` variables of the client commands (``tokenfan tail`` etc.), not options of the broker.
-CLIENT_ENV = frozenset({"TOKENFAN_URL"})
+CLIENT_ENV = frozenset({"TOKENFAN_URL", "TOKENFAN_TOKEN"})
 
 
 def _apply(values: dict[str, Any], raw: Mapping[str, object], source: str) -> None:

@@ -298,18 +298,20 @@ class WsConnection:
         self.close(p.Code.UNAUTHORIZED, msg)
 
     def _authenticate(self, token: str) -> str | None:
-        """Verify ``token`` and take its grants (the first, or a refresh); None, or why it failed."""
+        """Verify ``token`` (a user token, or an app's API key) and take its grants (the first, or
+        a refresh); None, or why it failed."""
         auth = self.broker.auth
         try:
-            grants = auth.verify(token, now=time.time())
+            grants = auth.bearer(token, now=time.time())
         except AuthError as exc:
             return exc.reason
         if self.grants is not None and grants.user != self.grants.user:
             return (f"a fresh token must be for the same user: this connection is {self.grants.user!r}, "
                     f"the token is for {grants.user!r}")
         self.grants = grants
-        # exp is wall-clock time; deadlines run on Trio's clock.
-        self.broker.expiry.set(self, trio.current_time() + (grants.exp - time.time()))
+        # exp is wall-clock time; deadlines run on Trio's clock. An API key never expires.
+        deadline = math.inf if grants.app else trio.current_time() + (grants.exp - time.time())
+        self.broker.expiry.set(self, deadline)
         return None
 
     async def handshake(self, upgrade: Upgrade) -> bool:

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 import protocol as p
 from broker.config import AuthConfig
-from tests.auth.conftest import SECRET, OpenWs, StartAuth, reply, token
+from tests.auth.conftest import API_KEY, SECRET, OpenWs, StartAuth, reply, token
 
 
 async def _bye(client: Any) -> p.Bye:
@@ -229,3 +229,14 @@ async def test_a_long_rs256_token_with_many_grants_fits(auth_broker: StartAuth, 
     client = await open_ws(broker)
     assert isinstance(await reply(client, p.Hello(id=1, token=long)), p.Ok)
     assert isinstance(await reply(client, p.Sub(id=2, ch="ai-chat/team-63-x")), p.Ok)
+
+
+async def test_an_apps_api_key_opens_a_websocket_that_never_expires(
+        auth_broker: StartAuth, open_ws: OpenWs) -> None:
+    broker = await auth_broker(handshake_timeout=0.5)
+    client = await open_ws(broker, f"/ws?token={API_KEY}")
+    assert isinstance(await reply(client, p.Sub(id=1, ch="anything/at-all")), p.Ok)
+    ok = await reply(client, p.Hello(id=2, token=API_KEY))
+    assert isinstance(ok, p.Ok) and ok.user is None and ok.exp is None
+    await trio.sleep(1)  # past any deadline the handshake set
+    assert isinstance(await reply(client, p.Ping(id=3)), p.Ok)
