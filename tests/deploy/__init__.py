@@ -1,0 +1,1 @@
+"""Deployment: the reverse proxy configurations of docs/deployment.md, run for real."""
