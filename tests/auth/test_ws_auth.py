@@ -9,6 +9,7 @@ from typing import Any
 import jwt
 import pytest
 import trio
+import trio.testing
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
@@ -240,3 +241,17 @@ async def test_an_apps_api_key_opens_a_websocket_that_never_expires(
     assert isinstance(ok, p.Ok) and ok.user is None and ok.exp is None
     await trio.sleep(1)  # past any deadline the handshake set
     assert isinstance(await reply(client, p.Ping(id=3)), p.Ok)
+
+
+async def test_an_hour_long_token_expires_after_an_hour(auth_broker: StartAuth, open_ws: OpenWs,
+                                                         autojump_clock: trio.testing.MockClock) -> None:
+    """With the autojump clock, an hour of Trio time passes as soon as everyone waits."""
+    broker = await auth_broker(idle_timeout=7200, ping_interval=3000)
+    client = await open_ws(broker)
+    await reply(client, p.Hello(id=1, token=token(ttl=3600)))
+    started = trio.current_time()
+    with trio.fail_after(4000):
+        while client.close_code is None:
+            await client.receive()
+    assert client.close_code == p.Code.TOKEN_EXPIRED
+    assert 3590 < trio.current_time() - started < 3610
