@@ -107,7 +107,8 @@ class RequestHead:
 
     @property
     def is_websocket_upgrade(self) -> bool:
-        return "websocket" in self.headers.get("upgrade", "").lower()
+        # Upgrade is a list of protocols; "websocket" must be one of them, not a part of one.
+        return "websocket" in {token.strip().lower() for token in self.headers.get("upgrade", "").split(",")}
 
 
 @dataclass(frozen=True, slots=True)

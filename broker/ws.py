@@ -131,6 +131,8 @@ def handshake_problem(head: RequestHead) -> str | None:
     headers = head.headers
     if head.method != "GET":
         return f"the method must be GET, not {head.method}"
+    if head.http10:
+        return "a WebSocket upgrade needs HTTP/1.1, not HTTP/1.0"
     if "upgrade" not in {t.strip().lower() for t in headers.get("connection", "").split(",")}:
         return "the Connection header must include 'upgrade'"
     if headers.get("sec-websocket-version", "").strip() != "13":

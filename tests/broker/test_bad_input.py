@@ -298,11 +298,21 @@ async def test_bad_websocket_handshakes_get_400(broker: Broker) -> None:
          "Sec-WebSocket-Version must be 13"),
         (base + "Connection: keep-alive\r\nSec-WebSocket-Version: 13\r\n" + key + "\r\n",
          "must include 'upgrade'"),
+        (base.replace("HTTP/1.1", "HTTP/1.0") + "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+         + key + "\r\n", "needs HTTP/1.1"),
     ]
     for raw, fragment in cases:
         status, _, body = await http(broker, raw.encode())
         assert status == 400
         assert fragment in json.loads(body)["error"]
+    await still_serving(broker)
+
+
+async def test_an_upgrade_to_something_else_is_not_a_websocket(broker: Broker) -> None:
+    raw = ("GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: notwebsocket\r\nConnection: Upgrade\r\n"
+           "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==\r\n\r\n")
+    status, _, body = await http(broker, raw.encode())
+    assert status == 426 and "WebSocket" in json.loads(body)["error"]
     await still_serving(broker)
 
 
