@@ -54,6 +54,8 @@ SERVER_NAME = "tokenfan/0.1.0"
 REPLAY_READ_FACTOR = 16
 #: A client may send this many seconds' worth of ``client_input_rate`` at once.
 INPUT_BURST_SECONDS = 4
+#: Least time between two tokens on one connection (the first, or refreshes).
+REFRESH_INTERVAL = 1.0
 #: History read (and coalesced) in one step of a recovery, before other clients get a turn.
 REPLAY_PAGE_BYTES = 256 * 1024
 
@@ -167,8 +169,9 @@ class WsConnection:
     heartbeat task pings every connection and enforces the idle timeout.
     """
 
-    __slots__ = ("_counted_address", "_frame_allowance", "_frame_checked", "_frames_refused",
-                 "_input_allowance", "_input_checked", "_last_heard", "_message", "_message_started",
+    __slots__ = ("_authenticated_at", "_counted_address", "_frame_allowance", "_frame_checked",
+                 "_frames_refused", "_input_allowance", "_input_checked", "_last_heard", "_message",
+                 "_message_started",
                  "_pub_allowance", "_pub_checked", "_replay_allowance", "_replay_checked",
                  "_writer_scope", "broker", "client", "close_code", "deadline", "decoder", "fd",
                  "frames_received", "grants", "outbox", "stream", "subscriptions", "ws")
@@ -213,6 +216,7 @@ class WsConnection:
         self.deadline = math.inf  # when the token expires (or the authentication is due); see Deadlines
         self.client = ""  # the client's address (X-Forwarded-For read when from a trusted proxy)
         self._counted_address: str | None = None
+        self._authenticated_at = -math.inf  # when the last token was taken (refreshes are rate-limited)
 
     def statistics(self) -> ConnectionStatistics:
         return ConnectionStatistics(subscriptions=len(self.subscriptions),
@@ -311,6 +315,7 @@ class WsConnection:
             return (f"a fresh token must be for the same user: this connection is {self.grants.user!r}, "
                     f"the token is for {grants.user!r}")
         self.grants = grants
+        self._authenticated_at = trio.current_time()
         # exp is wall-clock time; deadlines run on Trio's clock. An API key never expires.
         deadline = math.inf if grants.app else trio.current_time() + (grants.exp - time.time())
         self.broker.expiry.set(self, deadline)
@@ -531,6 +536,12 @@ class WsConnection:
         elif isinstance(frame, p.Hello):
             grants = self.grants
             if broker.auth.users and frame.token is not None:
+                if grants is not None and trio.current_time() - self._authenticated_at < REFRESH_INTERVAL:
+                    # Verifying a signature costs up to a few hundred microseconds (RSA, EC): a
+                    # client may not make the broker do it at its frame rate.
+                    self.reply_urgent(p.Err(id=frame.id, code=p.Code.RATE_LIMITED,
+                                            msg=f"a fresh token at most every {REFRESH_INTERVAL:g} s"))
+                    return
                 reason = self._authenticate(frame.token)
                 if reason is not None:
                     self._refuse(f"bad token: {reason}")
