@@ -162,3 +162,20 @@ async def test_serving_on_every_interface_without_auth_is_refused() -> None:
     assert result.returncode == 2
     assert b"allow_insecure" in result.stderr and b"--insecure" in result.stderr
     assert b"Traceback" not in result.stderr
+
+
+async def test_websockets_open_only_from_allowed_origins(auth_broker: StartAuth, open_ws: Any) -> None:
+    broker = await auth_broker(auth=AuthConfig(api_keys=(API_KEY,), allowed_origins=("https://app.example.com",)))
+    allowed = await open_ws(broker, headers=[(b"Origin", b"https://app.example.com")])
+    assert allowed.close_code is None
+    upgrade = (b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==\r\n")
+    for origin in (b"https://evil.example", b"http://localhost:3000"):  # the list replaces loopback
+        stream = await trio.open_tcp_stream("127.0.0.1", broker.port)
+        async with stream:
+            await stream.send_all(upgrade + b"Origin: " + origin + b"\r\n\r\n")
+            answer = b""
+            with trio.fail_after(5):
+                while chunk := await stream.receive_some(4096):
+                    answer += chunk
+        assert answer.startswith(b"HTTP/1.1 403") and b"allowed_origins" in answer
