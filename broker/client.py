@@ -13,6 +13,36 @@ or, like the browser API::
     chat.on("ai:token", lambda e: print(e.data["token"], end="")).on("ai:done", done)
     await chat.subscribe()
 
+Authentication: on a broker with ``[auth]`` and a JWT key, pass
+``token_provider``, an async function returning a user token (a JWT your
+app's server mints, see ``docs/security.md``), or None for none::
+
+    async def fresh_token() -> str:
+        return await my_app.mint_token_for("alice")
+
+    async with connect("wss://broker.example/ws", token_provider=fresh_token) as client:
+        ...
+
+It is called before every connection (the first and each reconnect), and its
+token sent in ``hello`` as the connection's first frame; the client is
+``open`` (and ``await``-ing commands go out) once the broker accepted it
+(:attr:`Client.user`, :attr:`Client.exp`). Before the token expires (when
+80% of its remaining lifetime has passed, at the latest a minute before
+``exp``), the client calls it again and sends the fresh token in a new
+``hello``, so the connection and its subscriptions live on. A refresh that
+fails (the provider raised) is logged and tried again while the token lasts;
+past ``exp`` the broker says ``bye`` TOKEN_EXPIRED (4104, ``reconnect:
+true``) and the client reconnects with a new token and recovers. A token the
+broker refuses, ``bye`` UNAUTHORIZED (4009, ``reconnect: false``), stops the
+client: on the first connection :func:`connect` raises :class:`ServerClosed`
+with that code; later the client goes to ``closed`` with
+:attr:`Client.closed` saying why, and never reconnects. A plain ``str`` may be
+given instead of a function: it is sent on every connection and never
+refreshed. The provider is called before the WebSocket opens, so it may take
+its time (an HTTP request to your app); one that raises fails that
+connection attempt (raised from :func:`connect` the first time, retried with
+backoff after).
+
 Reconnection: when the connection drops, or the server says ``bye`` with
 ``reconnect: true`` (shutting down, slow consumer, idle), the client
 reconnects with jittered exponential backoff and subscribes again to every
@@ -42,9 +72,11 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import logging
 import random
+import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, Self
@@ -58,6 +90,19 @@ from broker.groups import first_leaf
 
 Handler = Callable[["Event"], None]
 State = Literal["connecting", "open", "reconnecting", "closed"]
+#: Where user tokens come from: an async function returning one (or None for none), or a fixed token.
+TokenProvider = Callable[[], Awaitable[str | None]] | str
+
+log = logging.getLogger("tokenfan.client")
+
+#: What the client calls itself in ``hello``.
+CLIENT_NAME = "tokenfan-python/0.1.0"
+#: Refresh the token once this share of its remaining lifetime has passed…
+REFRESH_AT = 0.8
+#: …but no earlier than this many seconds before it expires.
+REFRESH_MARGIN = 60.0
+#: The shortest wait before a refresh (a token that looks expired on this clock is not asked for in a loop).
+MIN_REFRESH = 1.0
 
 
 class ClientError(Exception):
@@ -139,6 +184,16 @@ def _require_trio(entry_point: str) -> None:
 
 def _sub_frame(channel: str, since: p.Position | None, frame_id: int) -> p.Sub:
     return p.Sub(id=frame_id, ch=channel, since=since)
+
+
+def _hello_frame(token: str, frame_id: int) -> p.Hello:
+    return p.Hello(id=frame_id, token=token, client=CLIENT_NAME)
+
+
+def _refresh_delay(remaining: float) -> float:
+    """Seconds until a token with ``remaining`` seconds to live is refreshed: once REFRESH_AT of
+    them have passed, at the latest REFRESH_MARGIN before it expires, and not before MIN_REFRESH."""
+    return max(MIN_REFRESH, remaining - min(remaining * (1 - REFRESH_AT), REFRESH_MARGIN))
 
 
 class Subscription:
@@ -245,12 +300,16 @@ class Client:
 
     def __init__(self, url: str, *, reconnect: bool, backoff: tuple[float, float],
                  max_message_size: int, connect_timeout: float,
-                 on_state: Callable[[State, ServerClosed | None], None] | None = None) -> None:
+                 on_state: Callable[[State, ServerClosed | None], None] | None = None,
+                 token_provider: TokenProvider | None = None) -> None:
         self.url = url
         self._on_state = on_state
+        self._token_provider = token_provider
         self.state: State = "connecting"
         self.closed: ServerClosed | None = None  #: why the client stopped for good
         self.reconnects = 0  #: connections made after the first
+        self.user: str | None = None  #: the token's ``sub``, once the broker accepted a token
+        self.exp: int | None = None  #: when the connection's token expires (Unix seconds)
         self._reconnect = reconnect
         self._backoff = backoff
         self._max_message_size = max_message_size
@@ -283,8 +342,13 @@ class Client:
         await self.request(lambda i: p.Ping(id=i))
 
     async def hello(self, *, token: str | None = None, client: str | None = None) -> str | None:
-        """Introduce this client; return the server's name."""
-        ok = await self.request(lambda i: p.Hello(id=i, token=token, client=client))
+        """Introduce this client; return the server's name.
+
+        With ``token``, on a broker that authenticates, this extends the connection to the new
+        token's ``exp`` (it must be for the same ``sub``). ``token_provider`` does this by itself.
+        """
+        ok = await self.request(lambda i: p.Hello(id=i, token=token, client=client),
+                                on_reply=self._authenticated if token is not None else None)
         return ok.server
 
     async def request(self, build: Callable[[int], p.ClientFrame],
@@ -302,7 +366,11 @@ class Client:
             if self.closed is not None:
                 raise self.closed
             await self._open.wait()
-        ws = self._ws
+        return await self._call(self._ws, build, on_reply)
+
+    async def _call(self, ws: trio_websocket.WebSocketConnection, build: Callable[[int], p.ClientFrame],
+                    on_reply: Callable[[p.Ok], None] | None = None) -> p.Ok:
+        """Send ``build(id)`` on ``ws`` (open, or still authenticating) and wait for its reply."""
         frame_id = next(self._ids)
         done = trio.Event()
         slot: list[p.Frame] = []
@@ -347,40 +415,62 @@ class Client:
         started = False
         while True:
             failure: BaseException | None = None
+            ended: ServerClosed | None = None
+            token: str | None = None
             try:
-                async with open_websocket(self.url, max_message_size=self._max_message_size,
-                                          connect_timeout=self._connect_timeout) as ws:
-                    attempt = 0
-                    self._bye = None
-                    async with trio.open_nursery() as nursery:
-                        self._scope = nursery.cancel_scope
-                        if self.closed is not None:
-                            self._scope.cancel()  # aclose() came while connecting
-                        self._ws = ws
-                        self._set_state("open")
-                        self._open.set()
-                        if started:
-                            self.reconnects += 1
-                            nursery.start_soon(self._resubscribe)
-                        else:
-                            started = True
-                            task_status.started()
-                        await self._read(ws)
-                        nursery.cancel_scope.cancel()
-            except* (OSError, trio.BrokenResourceError, trio_websocket.HandshakeError, trio.TooSlowError,
-                     wsproto.utilities.LocalProtocolError) as group:
-                # (trio-websocket answers a ping that arrives while it closes with a pong that
-                # wsproto refuses; that ends the connection like any other loss.)
-                failure = first_leaf(group)
-            finally:
-                self._ws = None
-                self._open = trio.Event()
-                for done, _slot, _hook in self._waiting.values():
-                    done.set()
-            if failure is not None and not started:
-                raise failure
-            ended = (ServerClosed(1006, f"cannot connect: {failure}", True) if failure is not None
-                     else self._bye or ServerClosed(1006, "connection lost", True))
+                with trio.CancelScope() as self._scope:  # aclose() may cancel a slow provider
+                    token = await self._fresh_token()
+            except Exception as exc:
+                if not started:
+                    raise
+                ended = ServerClosed(1006, f"token_provider failed: {exc!r}", True)
+            else:
+                if self.closed is not None:  # aclose() came while asking for the token
+                    self._stop(self.closed)
+                    return
+                try:
+                    async with open_websocket(self.url, max_message_size=self._max_message_size,
+                                              connect_timeout=self._connect_timeout) as ws:
+                        self._bye = None
+                        self.user = self.exp = None  # until this connection's hello is answered
+                        async with trio.open_nursery() as nursery:
+                            self._scope = nursery.cancel_scope
+                            if self.closed is not None:
+                                self._scope.cancel()  # aclose() came while connecting
+                            self._ws = ws
+                            nursery.start_soon(self._read_then_stop, ws, nursery.cancel_scope)
+                            if token is not None and not await self._authenticate(ws, token):
+                                nursery.cancel_scope.cancel()  # refused: the bye (in _bye) says why
+                            else:
+                                attempt = 0
+                                self._set_state("open")
+                                self._open.set()
+                                if self.exp is not None and callable(self._token_provider):
+                                    nursery.start_soon(self._keep_token_fresh, ws)
+                                if started:
+                                    self.reconnects += 1
+                                    nursery.start_soon(self._resubscribe)
+                                else:
+                                    started = True
+                                    task_status.started()
+                except* (OSError, trio.BrokenResourceError, trio_websocket.HandshakeError,
+                         trio.TooSlowError, wsproto.utilities.LocalProtocolError) as group:
+                    # (trio-websocket answers a ping that arrives while it closes with a pong that
+                    # wsproto refuses; that ends the connection like any other loss.)
+                    failure = first_leaf(group)
+                finally:
+                    self._ws = None
+                    self._open = trio.Event()
+                    for done, _slot, _hook in self._waiting.values():
+                        done.set()
+                if failure is not None and not started:
+                    raise failure
+                ended = (ServerClosed(1006, f"cannot connect: {failure}", True) if failure is not None
+                         else self._bye or ServerClosed(1006, "connection lost", True))
+                if not started:
+                    # The broker turned the first connection away before it was open (the token).
+                    self._stop(self.closed or ended)
+                    raise ended
             if not (self._reconnect and ended.reconnect):
                 self._stop(self.closed or ended)
                 return
@@ -405,6 +495,62 @@ class Client:
         for sub in self._subscriptions.values():
             sub._send.close()
 
+    async def _fresh_token(self) -> str | None:
+        """What ``token_provider`` gives for the next connection (None: connect without one)."""
+        provider = self._token_provider
+        if provider is None or isinstance(provider, str):
+            return provider
+        token = await provider()
+        if token is not None and not isinstance(token, str):
+            raise TypeError(f"token_provider must return a str or None, not {type(token).__name__}")
+        return token
+
+    def _authenticated(self, ok: p.Ok) -> None:
+        """The broker accepted a token (the ``ok`` of ``hello``): who, and until when."""
+        if ok.exp is not None:
+            self.user, self.exp = ok.user, ok.exp
+
+    async def _authenticate(self, ws: trio_websocket.WebSocketConnection, token: str) -> bool:
+        """Send ``hello {token}`` as the first frame and wait for the broker's answer.
+
+        False when it refused: by ``bye`` UNAUTHORIZED, or by ``err`` (a hello it could not
+        read, such as a token too long for it), which is recorded in ``_bye`` as final too.
+        """
+        try:
+            await self._call(ws, functools.partial(_hello_frame, token), on_reply=self._authenticated)
+        except CommandError as exc:
+            self._bye = ServerClosed(exc.code, f"the broker refused the token: {exc.msg}", False)
+            return False
+        except ServerClosed:
+            return False
+        return True
+
+    async def _keep_token_fresh(self, ws: trio_websocket.WebSocketConnection) -> None:
+        """Before the token expires, send a fresh one from ``token_provider`` (for this connection)."""
+        retry_at: float | None = None
+        while self.exp is not None:
+            now = time.time()
+            if retry_at is None:
+                retry_at = now + _refresh_delay(self.exp - now)
+            await trio.sleep(retry_at - now)
+            try:
+                token = await self._fresh_token()
+                if token is None:
+                    return  # none to give: the broker ends the connection at exp
+                await self._call(ws, functools.partial(_hello_frame, token), on_reply=self._authenticated)
+                retry_at = None
+            except ServerClosed:
+                return  # the connection is ending; the next one asks for a token anyway
+            except Exception as exc:
+                # Try again while the token lasts; past exp the broker says TOKEN_EXPIRED and we reconnect.
+                left = self.exp - time.time()
+                log.warning("refreshing the token failed (%r); %s", exc,
+                            f"trying again (it expires in {left:.1f} s)" if left > 0
+                            else "the broker will say TOKEN_EXPIRED and the client reconnect")
+                if left <= 0:
+                    return
+                retry_at = time.time() + max(MIN_REFRESH, left / 4)
+
     async def _resubscribe(self) -> None:
         """After a reconnect: subscribe again to every channel, recovering from the last position."""
         for sub in list(self._subscriptions.values()):
@@ -414,6 +560,11 @@ class Client:
             with contextlib.suppress(ServerClosed):  # the next connection tries again
                 await self.request(functools.partial(_sub_frame, sub.channel, since),
                                    on_reply=functools.partial(sub._confirmed, resubscribed=True))
+
+    async def _read_then_stop(self, ws: trio_websocket.WebSocketConnection, scope: trio.CancelScope) -> None:
+        """Read one connection until it closes, then end everything else working on it."""
+        await self._read(ws)
+        scope.cancel()
 
     async def _read(self, ws: trio_websocket.WebSocketConnection) -> None:
         """Read one connection until it closes; record a ``bye`` in ``_bye``."""
@@ -502,6 +653,7 @@ async def connect(url: str, *, reconnect: bool = True, backoff: tuple[float, flo
                   max_message_size: int = p.SERVER_LIMITS.max_frame_size,
                   connect_timeout: float = 10.0,
                   on_state: Callable[[State, ServerClosed | None], None] | None = None,
+                  token_provider: TokenProvider | None = None,
                   ) -> AsyncIterator[Client]:
     """Connect to a broker's WebSocket endpoint (``ws://host:port/ws``) and yield a :class:`Client`.
 
@@ -511,16 +663,29 @@ async def connect(url: str, *, reconnect: bool = True, backoff: tuple[float, flo
     up to half; ``reconnect=False`` stops at the first drop instead.
     ``on_state(state, why)`` is called when the state changes to ``open``,
     ``reconnecting`` (``why``: how the last connection ended) or ``closed``.
+
+    ``token_provider`` (an async function returning a user token, or a
+    token): on a broker that authenticates, called before every connection
+    and again before the token expires; see "Authentication" in this module's
+    docstring. Raises :class:`ServerClosed` (code 4009, UNAUTHORIZED) when the
+    broker refuses the first connection's token.
     """
     _require_trio("connect")
     client = Client(url, reconnect=reconnect, backoff=backoff, max_message_size=max_message_size,
-                    connect_timeout=connect_timeout, on_state=on_state)
+                    connect_timeout=connect_timeout, on_state=on_state, token_provider=token_provider)
+    refused: Exception | None = None
     async with trio.open_nursery() as nursery:
-        await nursery.start(client._run)
         try:
-            yield client
-        finally:
-            # Close politely (the reader sees the close reply), then stop whatever is left.
-            with trio.CancelScope(shield=True), trio.move_on_after(3):
-                await client.aclose()
-            nursery.cancel_scope.cancel()
+            await nursery.start(client._run)
+        except Exception as exc:
+            refused = exc  # raised below as it is, not inside the nursery's ExceptionGroup
+        else:
+            try:
+                yield client
+            finally:
+                # Close politely (the reader sees the close reply), then stop whatever is left.
+                with trio.CancelScope(shield=True), trio.move_on_after(3):
+                    await client.aclose()
+                nursery.cancel_scope.cancel()
+    if refused is not None:
+        raise refused
