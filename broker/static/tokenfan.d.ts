@@ -48,9 +48,26 @@ export interface WebSocketLike {
   close (code?: number): void
 }
 
+/** An Error from the client: `code` is the protocol's (docs/protocol.md §4) when the broker gave one. */
+export interface RealtimeError extends Error {
+  /** e.g. 4009 UNAUTHORIZED (the broker refused the token), 4104 TOKEN_EXPIRED, 1006 connection lost. */
+  code?: number
+  /** Whether the client goes on trying (false: it has stopped). */
+  reconnect?: boolean
+  /** What getToken threw, when it did. */
+  cause?: unknown
+}
+
 export interface RealtimeOptions {
   /** The broker's WebSocket endpoint, e.g. 'wss://broker.example/ws'. */
   url: string
+  /**
+   * Where the user token comes from, on a broker that authenticates ([auth] with a JWT key): called
+   * before every connection and again before the token expires (80% of its remaining lifetime, at
+   * most a minute ahead); the token is sent in `hello` before anything else. Resolve with null to
+   * connect without one (an open broker). A rejection is reported to onError and retried with backoff.
+   */
+  getToken?: () => Promise<string | null> | string | null
   /** First and longest wait between reconnection attempts, in ms (default [100, 5000]). */
   backoff?: [number, number]
   /** A WebSocket class for runtimes without a global one (Node < 22: `import WebSocket from 'ws'`). */
@@ -59,11 +76,21 @@ export interface RealtimeOptions {
 
 export declare class Realtime {
   constructor (options: RealtimeOptions)
+  constructor (url: string, options?: Omit<RealtimeOptions, 'url'>)
   readonly url: string
   state: State
   readonly channels: Map<string, Channel>
+  /** The token's `sub`, once the broker accepted a token (null on an open broker). */
+  user: string | null
+  /** When the connection's token expires, Unix seconds (null on an open broker). */
+  exp: number | null
+  /** Why the client stopped for good (e.g. code 4009: the broker refused the token); null until then. */
+  error: RealtimeError | null
   channel (name: string): Channel
-  onState (fn: (state: State) => void): this
+  /** `why`: how the last connection ended ('reconnecting', 'closed'), or null. */
+  onState (fn: (state: State, why: RealtimeError | null) => void): this
+  /** The broker refused the token (the client stops: state 'closed'), or getToken failed (it retries). */
+  onError (fn: (error: RealtimeError) => void): this
   close (): void
 }
 
