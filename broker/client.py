@@ -442,7 +442,8 @@ class Client:
                             if token is not None and not await self._authenticate(ws, token):
                                 nursery.cancel_scope.cancel()  # refused: the bye (in _bye) says why
                             else:
-                                attempt = 0
+                                if self.exp is None or self.exp > time.time():
+                                    attempt = 0  # (a token accepted already expired is no success)
                                 self._set_state("open")
                                 self._open.set()
                                 if self.exp is not None and callable(self._token_provider):

@@ -327,7 +327,9 @@ export class Realtime {
 
   /** The connection is usable (authenticated where the broker wants it): subscribe again. */
   _opened () {
-    this._attempt = 0
+    // Back off afresh, unless the broker took a token already past its exp (it ends the connection
+    // with TOKEN_EXPIRED at once: reconnecting at full speed would only repeat that).
+    if (this.exp === null || Number(this.exp) * 1000 > Date.now()) this._attempt = 0
     this._setState('open')
     for (const channel of this.channels.values()) {
       if (channel.subscribed) this._subscribe(channel, channel.epoch !== null)

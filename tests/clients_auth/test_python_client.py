@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+import jwt
 import pytest
 import trio
 
@@ -15,7 +16,7 @@ import protocol as p
 from broker import Broker
 from broker.client import CommandError, ServerClosed, State, connect
 from tests.broker.conftest import StartBroker, ws_url
-from tests.clients_auth.conftest import StartAuth, mint
+from tests.clients_auth.conftest import SECRET, StartAuth, mint
 
 
 class Tokens:
@@ -132,6 +133,27 @@ async def test_an_expired_token_reconnects_with_a_fresh_one_and_recovers(auth_br
         assert tokens.calls >= 3  # the first, the failed refresh, the reconnect's
     assert sub.recovered  # the resubscription replayed what went by while reconnecting
     assert seen == list(range(1, len(seen) + 1))
+
+
+async def test_a_token_already_past_its_exp_does_not_make_a_reconnect_loop(auth_broker: StartAuth) -> None:
+    broker = await auth_broker()
+    calls = 0
+
+    async def stale() -> str:  # e.g. an app that caches tokens until their exp, a little too long
+        nonlocal calls
+        calls += 1
+        await trio.lowlevel.checkpoint()
+        claims = {"sub": "alice", "exp": int(time.time()) - 2, "channels": ["ai-chat/*"]}
+        return jwt.encode(claims, SECRET, algorithm="HS256")
+
+    with trio.move_on_after(1.5):
+        try:
+            async with connect(ws_url(broker), token_provider=stale, backoff=(0.1, 5.0)):
+                await trio.sleep_forever()
+        except ServerClosed as refused:  # refused outright (no leeway), or expired before the ok
+            assert refused.code in (p.Code.UNAUTHORIZED, p.Code.TOKEN_EXPIRED)
+    # Backing off 0.1, 0.2, 0.4, 0.8 s (each jittered down by up to half): a handful, not dozens.
+    assert 1 <= calls <= 6, calls
 
 
 async def test_a_fixed_token_works_and_an_open_broker_needs_none(auth_broker: StartAuth,
