@@ -13,7 +13,12 @@ write, and moves it to the head.
 With ``batching=False`` every publication is sent to every subscriber at
 once, inside :meth:`Hub.publish`. With ``batching=True`` (the default) the
 flusher task walks the subscribers of each channel with news, and yields to
-the publishers every :data:`WRITES_PER_TURN` writes. A token published while
+the publishers (and everyone else) once its turn has taken
+:data:`TURN_SECONDS`, looking at the clock every :data:`CHECK_EVERY` offers. A
+turn is measured in time, not offers: an offer to a subscriber whose send
+buffer is already queued costs a fraction of one that writes to its socket,
+and a walk past many of those should not yield (and wait for every other task)
+as often as one that writes to all. A token published while
 a walk is under way therefore reaches the rest of that walk at once, and the
 subscribers already passed on the next walk: nobody waits more than about one
 walk, and when tokens come faster than a walk takes, each subscriber gets
@@ -32,6 +37,7 @@ to the engine's top offset in the replay, later ones live.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -44,8 +50,34 @@ from protocol import Position
 
 #: A channel's log is sent to everyone at once when it holds this many bytes.
 MAX_PENDING_BYTES = 256 * 1024
-#: Writes the flusher makes before it lets publishers run (about 1 ms of sends here).
-WRITES_PER_TURN = 64
+#: How long the flusher walks before it lets others run (publishers, readers, replays).
+TURN_SECONDS = 0.001
+#: Offers between two looks at the clock (an offer that writes takes about 10 µs here).
+CHECK_EVERY = 16
+
+
+class Turn:
+    """The flusher's current turn: when it began, and offers since the clock was last read."""
+
+    __slots__ = ("offers", "seconds", "started")
+
+    def __init__(self, seconds: float = TURN_SECONDS) -> None:
+        self.seconds = seconds
+        self.started = time.perf_counter()
+        self.offers = 0
+
+    async def offered(self) -> None:
+        """Count one offer; yield to others (and start a new turn) once the turn is used up."""
+        self.offers += 1
+        if self.offers >= CHECK_EVERY:
+            self.offers = 0
+            if time.perf_counter() - self.started >= self.seconds:
+                await trio.lowlevel.checkpoint()
+                self.started = time.perf_counter()
+
+    def restart(self) -> None:
+        self.started = time.perf_counter()
+        self.offers = 0
 #: Most publications one recovery replays (its bytes are bounded by the caller).
 MAX_REPLAY = 1_000_000
 
@@ -140,8 +172,8 @@ class Channel:
                 subscribers[outbox] = head
         self._trim()
 
-    async def walk(self, budget: list[int]) -> None:
-        """Send each subscriber what it lacks, yielding whenever ``budget[0]`` writes are used up."""
+    async def walk(self, turn: Turn) -> None:
+        """Send each subscriber what it lacks, yielding whenever the ``turn`` is used up."""
         subscribers = self.subscribers
         cache: dict[int, bytes] = {}
         cached_head = self.head
@@ -155,11 +187,8 @@ class Channel:
                 cached_head = head
             outbox.offer(self._since(seq, cache))
             subscribers[outbox] = head
-            budget[0] -= 1
-            if budget[0] <= 0:
-                budget[0] = WRITES_PER_TURN
-                # Let publishers add frames: the rest of this walk picks them up.
-                await trio.lowlevel.checkpoint()
+            # When this yields, publishers may add frames: the rest of this walk picks them up.
+            await turn.offered()
         self._trim()
 
     def _trim(self) -> None:
@@ -175,9 +204,10 @@ class Channel:
 class Hub:
     """All channels of one broker. Not thread-safe: use it from the broker's Trio thread."""
 
-    def __init__(self, engine: Engine, *, batching: bool = True) -> None:
+    def __init__(self, engine: Engine, *, batching: bool = True, turn_seconds: float = TURN_SECONDS) -> None:
         self.engine = engine
         self._batching = batching
+        self._turn_seconds = turn_seconds
         self._channels: dict[str, Channel] = {}
         self._dirty: dict[Channel, None] = {}
         self._lot = trio.lowlevel.ParkingLot()
@@ -272,19 +302,20 @@ class Hub:
     async def run_flusher(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Walk the channels with news, round robin, until cancelled."""
         task_status.started()
-        budget = [WRITES_PER_TURN]
+        turn = Turn(self._turn_seconds)
         while True:
             while not self._dirty:
                 await self._lot.park()
+                turn.restart()
             channel = next(iter(self._dirty))
             del self._dirty[channel]
-            await channel.walk(budget)
+            await channel.walk(turn)
             if channel.behind and self._channels.get(channel.name) is channel:
                 self._dirty[channel] = None  # frames came during the walk: another walk
             if not self._dirty:
-                budget[0] = WRITES_PER_TURN
                 # Let the publishers run before the next walk, so they can batch up.
                 await trio.lowlevel.checkpoint()
+                turn.restart()
 
     def statistics(self) -> HubStatistics:
         return HubStatistics(channels=len(self._channels), subscriptions=self._subscriptions,

@@ -388,6 +388,7 @@ class WsConnection:
                                         self._input_allowance + (now - self._input_checked) * rate)
             self._input_checked = now
             self._input_allowance -= len(data)
+            del data  # not held while this connection waits
             if self._input_allowance < 0:
                 await trio.sleep(-self._input_allowance / rate)
         # Closing: keep reading (and discarding) so the peer's close frame is consumed.
@@ -433,32 +434,44 @@ class WsConnection:
             self._limit_linger()
 
     async def _on_message(self, message: bytes) -> None:
+        # Decoded in full before anything awaits (a replay may wait its turn for seconds), so
+        # the decoder and its buffer let go of the message at once: a message is at most
+        # max_frame_size, and what it decodes to is held instead, only as long as it is handled.
         decoder = self.decoder
         decoder.feed(message)
+        del message
+        items: list[p.Frame | p.RemoteProtocolError] = []
         while True:
             try:
                 frame = decoder.next_frame()
                 if frame is None:
                     decoder.end_of_message()
-                    return
+                    break
             except p.RemoteProtocolError as exc:
-                if self.grants is None:  # nothing but a good hello is answered before authentication
-                    self._refuse(f"authenticate first: send hello {{token}}; {exc.msg}")
-                    return
+                items.append(exc)
                 if exc.id is None:
-                    self.close(exc.code, exc.msg)
+                    break  # the connection ends here: nothing after it is read
+                continue
+            items.append(frame)
+        for item in items:
+            if isinstance(item, p.RemoteProtocolError):
+                if self.grants is None:  # nothing but a good hello is answered before authentication
+                    self._refuse(f"authenticate first: send hello {{token}}; {item.msg}")
                     return
-                self.reply_urgent(p.Err(id=exc.id, code=exc.code, msg=exc.msg))
+                if item.id is None:
+                    self.close(item.code, item.msg)
+                    return
+                self.reply_urgent(p.Err(id=item.id, code=item.code, msg=item.msg))
                 continue
             self.frames_received += 1
-            if not self._admit(cast(p.ClientFrame, frame)):  # a client decoder yields client frames
+            if not self._admit(cast(p.ClientFrame, item)):  # a client decoder yields client frames
                 if self.outbox.state is not OutboxState.OPEN:
                     return
                 continue
-            if isinstance(frame, p.Sub):
-                await self._subscribe(frame)
+            if isinstance(item, p.Sub):
+                await self._subscribe(item)
             else:
-                self._handle(frame)
+                self._handle(item)
             if self.outbox.state is not OutboxState.OPEN:
                 return
 
@@ -682,6 +695,7 @@ class WsConnection:
                 complete = complete and page.recovered
                 pages.read += read
                 after = page.last
+                del page  # its frames (copies out of history) are not held, uncounted, while we wait
                 if pages.size > room or pages.read > read_limit or self.broker.memory.over:
                     if since.ep is not None or self.broker.memory.over:
                         # An exact recovery that cannot fit, or no memory to spare: no replay.

@@ -12,14 +12,16 @@ import trio.testing
 import protocol as p
 from broker.config import ChannelOptions
 from broker.history import MemoryEngine
-from broker.hub import WRITES_PER_TURN, Hub
+from broker.hub import CHECK_EVERY, Hub
 from broker.outbox import Outbox
 
-SUBSCRIBERS = WRITES_PER_TURN * 2 + 50
+SUBSCRIBERS = CHECK_EVERY * 8 + 50
 
 
 def make_hub(*, batching: bool) -> Hub:
-    return Hub(MemoryEngine(lambda channel: ChannelOptions(), max_bytes=1 << 20), batching=batching)
+    # Turns of no time at all: the walk yields every CHECK_EVERY offers, so a test sees it yield.
+    return Hub(MemoryEngine(lambda channel: ChannelOptions(), max_bytes=1 << 20), batching=batching,
+               turn_seconds=0.0)
 
 
 @pytest.fixture
