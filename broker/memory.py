@@ -7,7 +7,12 @@ unfinished WebSocket messages being assembled, the HTTP requests being read,
 and the AI conversations kept
 for follow-ups. History has its own cap (``history_max_bytes``) beside this one.
 
-Past the limit two things happen:
+The counted bytes are held to :data:`COUNTED_SHARE` of the limit: the rest is
+headroom for what cannot be counted exactly (the allocator's free lists, each
+connection's own objects, a message being decoded), so that ``memory_limit``
+bounds what clients make the process grow by, not only what is counted.
+
+Past that share two things happen:
 
 - *Shedding*: the largest send buffers are cut first (``bye`` SLOW_CONSUMER,
   ``reconnect: true``; the client reconnects and recovers from history) until
@@ -27,8 +32,10 @@ from typing import Protocol
 
 #: A send buffer this large is a candidate for shedding.
 LARGE = 64 * 1024
+#: Share of the limit the counted bytes are held to (the rest is headroom for the uncounted).
+COUNTED_SHARE = 0.85
 #: Shedding stops when the total is under this share of the limit.
-RELIEVED = 0.8
+RELIEVED = 0.7
 
 
 def default_memory_limit() -> int:
@@ -66,6 +73,7 @@ class MemoryBudget:
 
     def __init__(self, limit: int, *, on_over: Callable[[], None] | None = None) -> None:
         self.limit = limit
+        self._threshold = int(limit * COUNTED_SHARE)
         self.used = 0
         self.queued = 0  #: the part of ``used`` waiting in send buffers
         self.shed_count = 0
@@ -74,14 +82,15 @@ class MemoryBudget:
 
     @property
     def over(self) -> bool:
-        return self.used > self.limit
+        """Whether the counted bytes are past :data:`COUNTED_SHARE` of the limit."""
+        return self.used > self._threshold
 
     def change(self, delta: int, *, queued: bool = False) -> None:
         """Count ``delta`` more bytes held (negative: released); ``queued``: in a send buffer."""
         self.used += delta
         if queued:
             self.queued += delta
-        if delta > 0 and self.used > self.limit and self._on_over is not None:
+        if delta > 0 and self.used > self._threshold and self._on_over is not None:
             self._on_over()
 
     def track(self, buffer: Sheddable, large: bool) -> None:
