@@ -260,3 +260,13 @@ async def test_an_hour_long_token_expires_after_an_hour(auth_broker: StartAuth, 
             await client.receive()
     assert client.close_code == p.Code.TOKEN_EXPIRED
     assert 3590 < trio.current_time() - started < 3610
+
+
+async def test_a_token_just_past_its_exp_is_refused_not_expired_at_once(
+        auth_broker: StartAuth, open_ws: OpenWs) -> None:
+    """Within the clock-skew leeway, but a connection would end as soon as it began."""
+    broker = await auth_broker()
+    client = await open_ws(broker)
+    await client.command(p.Hello(id=1, token=token(ttl=-2)))
+    bye = await _bye(client)
+    assert bye.code == p.Code.UNAUTHORIZED and not bye.reconnect and "token expired" in bye.msg
