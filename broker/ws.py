@@ -560,6 +560,14 @@ class WsConnection:
                     self._refuse(f"bad token: {reason}")
                     return
                 grants = self.grants
+                assert grants is not None
+                revoked = sorted(ch for ch in self.subscriptions if not grants.may_subscribe(ch))
+                if revoked:
+                    # A narrower token revokes: the client reconnects with it, and re-subscribing
+                    # to what it no longer grants is refused (NOT_ALLOWED).
+                    self.close(p.Code.TOKEN_EXPIRED, "the fresh token no longer grants "
+                                                     f"{', '.join(revoked)[:300]}: reconnect with it")
+                    return
             if grants is None or grants.app:
                 self.reply_urgent(p.Ok(id=frame.id, server=SERVER_NAME))
             else:

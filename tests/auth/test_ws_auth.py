@@ -270,3 +270,22 @@ async def test_a_token_just_past_its_exp_is_refused_not_expired_at_once(
     await client.command(p.Hello(id=1, token=token(ttl=-2)))
     bye = await _bye(client)
     assert bye.code == p.Code.UNAUTHORIZED and not bye.reconnect and "token expired" in bye.msg
+
+
+async def test_a_narrower_fresh_token_revokes_what_it_no_longer_grants(
+        auth_broker: StartAuth, open_ws: OpenWs) -> None:
+    broker = await auth_broker()
+    client = await open_ws(broker)
+    await reply(client, p.Hello(id=1, token=token(channels=["ai-chat/*", "news"])))
+    assert isinstance(await reply(client, p.Sub(id=2, ch="ai-chat/x")), p.Ok)
+    assert isinstance(await reply(client, p.Sub(id=3, ch="news")), p.Ok)
+    await trio.sleep(1.1)  # refreshes come at most once a second
+    await client.command(p.Hello(id=4, token=token(channels=["news"])))
+    bye = await _bye(client)
+    assert bye.code == p.Code.TOKEN_EXPIRED and bye.reconnect and "no longer grants ai-chat/x" in bye.msg
+    client.sock.close()
+    for _ in range(500):  # the subscription goes with the connection
+        if broker.hub.channel("ai-chat/x") is None:
+            break
+        await trio.sleep(0.01)
+    assert broker.hub.channel("ai-chat/x") is None
