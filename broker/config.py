@@ -94,14 +94,18 @@ def _parse_str(value: object, name: str) -> str:
     raise ConfigError(f"{name}: expected a string, got {value!r}")
 
 
-def _parse_host_list(value: object, name: str) -> tuple[str, ...]:
-    """A list of host names: a TOML list, or a comma-separated string (for the environment)."""
+def _list_items(value: object, name: str, what: str) -> list[object]:
+    """The items of a list option: a TOML list, or a comma-separated string (for the environment)."""
     if isinstance(value, str):
-        items: list[object] = [item.strip() for item in value.split(",") if item.strip()]
-    elif isinstance(value, list):
-        items = value
-    else:
-        raise ConfigError(f"{name}: expected a list of host names, got {value!r}")
+        return [item.strip() for item in value.split(",") if item.strip()]
+    if isinstance(value, list):
+        return value
+    raise ConfigError(f"{name}: expected a list of {what}, got a {type(value).__name__}")
+
+
+def _parse_host_list(value: object, name: str) -> tuple[str, ...]:
+    """A list of host names."""
+    items = _list_items(value, name, "host names")
     hosts = []
     for item in items:
         if not isinstance(item, str) or not _HOST_NAME.fullmatch(item):
@@ -217,13 +221,8 @@ DEFAULT_CHANNELS: Mapping[str, ChannelOptions] = {
 
 
 def _parse_secret_list(value: object, name: str, *, min_length: int, what: str) -> tuple[str, ...]:
-    """A list of secrets: a TOML string or list, or a comma-separated string (for the environment)."""
-    if isinstance(value, str):
-        items: list[object] = [item.strip() for item in value.split(",") if item.strip()]
-    elif isinstance(value, list):
-        items = value
-    else:
-        raise ConfigError(f"{name}: expected a list of {what}s, got a {type(value).__name__}")
+    """A list of secrets (one alone may be a string)."""
+    items = _list_items(value, name, f"{what}s")
     for index, item in enumerate(items):
         if not isinstance(item, str) or len(item.encode()) < min_length or "," in item:
             # Never echo a secret: say which one and what is wrong with it.
@@ -246,12 +245,7 @@ _ORIGIN = re.compile(r"\*|https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,
 
 def _parse_origins(value: object, name: str) -> tuple[str, ...]:
     """Origins (``https://app.example.com``, ``http://127.0.0.1:3000``) or ``*``."""
-    if isinstance(value, str):
-        items: list[object] = [item.strip() for item in value.split(",") if item.strip()]
-    elif isinstance(value, list):
-        items = value
-    else:
-        raise ConfigError(f"{name}: expected a list of origins, got {value!r}")
+    items = _list_items(value, name, "origins")
     for item in items:
         if not isinstance(item, str) or not _ORIGIN.fullmatch(item):
             raise ConfigError(f"{name}: {item!r} is not an origin (scheme://host[:port], no path, "
@@ -261,12 +255,7 @@ def _parse_origins(value: object, name: str) -> tuple[str, ...]:
 
 def _parse_networks(value: object, name: str) -> tuple[str, ...]:
     """CIDRs (``10.0.0.0/8``, ``::1/128``) or single addresses."""
-    if isinstance(value, str):
-        items: list[object] = [item.strip() for item in value.split(",") if item.strip()]
-    elif isinstance(value, list):
-        items = value
-    else:
-        raise ConfigError(f"{name}: expected a list of networks, got {value!r}")
+    items = _list_items(value, name, "networks")
     for item in items:
         try:
             ipaddress.ip_network(str(item), strict=False)
@@ -305,7 +294,8 @@ _AUTH_PARSERS: dict[str, Any] = {
 }
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, IPv6 in brackets or not) is this machine only."""
     if host == "localhost":
         return True
     try:
@@ -371,7 +361,7 @@ class Config:
 
     def insecure_bind_problem(self) -> str | None:
         """Why serving on ``host`` would be unsafe as configured, or None."""
-        if self.auth.configured or self.allow_insecure or _is_loopback(self.host):
+        if self.auth.configured or self.allow_insecure or is_loopback(self.host):
             return None
         return (f"host {self.host} is not a loopback address and no [auth] is configured: anyone who "
                 "can reach it could emit to any channel, watch any session and spend your LLM budget. "

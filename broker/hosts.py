@@ -15,22 +15,13 @@ reachable from a browser).
 
 from __future__ import annotations
 
-import ipaddress
 import re
 
-from broker.config import Config
+from broker.config import Config, is_loopback
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 _HOST_AND_PORT = re.compile(r"(.+?)(?::[0-9]{1,5})?")
 
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 class HostPolicy:
@@ -46,7 +37,7 @@ class HostPolicy:
     def from_config(cls, config: Config) -> HostPolicy:
         if config.allowed_hosts:
             return cls(config.allowed_hosts)
-        return cls(LOOPBACK_NAMES if _is_loopback(config.host) else ("*",))
+        return cls(LOOPBACK_NAMES if is_loopback(config.host) else ("*",))
 
     def problem(self, host: str | None, *, http10: bool = False) -> str | None:
         """What is wrong with a request's ``Host`` header value, or None if it may be served."""
