@@ -25,7 +25,8 @@ once per token: connections authenticate once and refresh rarely. Each
 claim's patterns compile to one regular expression, cached by pattern list, so
 checking a grant is one match. A token may carry at most
 :data:`MAX_PATTERNS` patterns per claim of :data:`MAX_PATTERN_LENGTH`
-characters each, and be at most :data:`MAX_TOKEN_LENGTH` characters long.
+characters each (:data:`MAX_CLAIM_LENGTH` in all), and be at most
+:data:`MAX_TOKEN_LENGTH` characters long.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ from broker.config import AuthConfig, ConfigError
 MAX_TOKEN_LENGTH = 8192
 MAX_PATTERNS = 64
 MAX_PATTERN_LENGTH = 256
+#: Characters of all of one claim's patterns: compiling them runs on the event loop.
+MAX_CLAIM_LENGTH = 2048
 #: Seconds of clock skew allowed when checking ``exp`` and ``nbf``.
 LEEWAY = 5.0
 #: Longest lifetime ``tokenfan token`` and the demo mint (the broker accepts whatever ``exp`` says).
@@ -64,7 +67,7 @@ class AuthError(Exception):
         self.reason = reason
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=256)
 def _compile(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
     if not patterns:
         return None
@@ -113,9 +116,10 @@ def _claim_patterns(claims: dict[str, Any], name: str) -> Patterns:
     if isinstance(raw, str):
         raw = [raw]
     if (not isinstance(raw, list) or len(raw) > MAX_PATTERNS
-            or not all(isinstance(item, str) and 0 < len(item) <= MAX_PATTERN_LENGTH for item in raw)):
+            or not all(isinstance(item, str) and 0 < len(item) <= MAX_PATTERN_LENGTH for item in raw)
+            or sum(len(item) for item in raw) > MAX_CLAIM_LENGTH):
         raise AuthError(f"claim {name!r} must be a list of at most {MAX_PATTERNS} glob patterns "
-                        f"of 1 to {MAX_PATTERN_LENGTH} characters")
+                        f"of 1 to {MAX_PATTERN_LENGTH} characters, {MAX_CLAIM_LENGTH} in all")
     return Patterns(tuple(raw))
 
 
@@ -203,7 +207,8 @@ class Authenticator:
         else:
             allowed = [name for name, on in (("HS256", bool(self.config.jwt_secret)),
                                              (self._public_algorithm, self._public_key is not None)) if on]
-            raise AuthError(f"token signed with {algorithm!r}; this broker accepts {' or '.join(allowed)}")
+            shown = ascii(algorithm)[:40]  # the client's own string: never more than ASCII back
+            raise AuthError(f"token signed with {shown}; this broker accepts {' or '.join(allowed)}")
         config = self.config
         options: Any = {"require": ["sub", "exp"], "verify_aud": bool(config.jwt_audience),
                         "verify_iss": bool(config.jwt_issuer)}
@@ -232,6 +237,8 @@ class Authenticator:
         if claims is None:
             raise AuthError("bad signature")
         user, exp = claims["sub"], claims["exp"]
+        if isinstance(exp, bool) or not isinstance(exp, (int, float)) or not -2**53 < exp < 2**53:
+            raise AuthError("claim 'exp' must be a number of seconds since 1970")
         if not isinstance(user, str) or not 0 < len(user) <= MAX_PATTERN_LENGTH:
             raise AuthError(f"claim 'sub' must be a string of 1 to {MAX_PATTERN_LENGTH} characters")
         if now is not None and exp <= now:

@@ -331,6 +331,7 @@ class Config:
     replay_rate: int = 16 * 1024 * 1024
     history_read_rate: int = 32 * 1024 * 1024
     client_input_rate: int = 64 * 1024
+    heavy_input_rate: int = 4 * 1024 * 1024
     client_frame_rate: float = 100.0
     client_frame_burst: int = 200
     max_connections_per_ip: int = 1024
@@ -414,7 +415,7 @@ class Config:
         if self.demo and self.auth.configured and not self.auth.jwt_secret:
             raise ConfigError("demo: with [auth] the demo page needs jwt_secret, to mint its short-lived "
                               "tokens; set [auth] jwt_secret or demo = false")
-        for name in ("replay_rate", "history_read_rate"):
+        for name in ("replay_rate", "history_read_rate", "heavy_input_rate"):
             if getattr(self, name) < 64 * 1024:
                 raise ConfigError(f"{name}: must be at least 64KiB (a second), got {getattr(self, name)}")
         if self.memory_limit < 0:
@@ -447,7 +448,7 @@ _PARSERS: dict[str, Any] = {
     "max_client_data": parse_size,
     "client_publish_rate": _parse_float, "replay_rate": parse_size,
     "history_read_rate": parse_size,
-    "client_input_rate": parse_size,
+    "client_input_rate": parse_size, "heavy_input_rate": parse_size,
     "client_frame_rate": _parse_float, "client_frame_burst": _parse_int,
     "max_connections_per_ip": _parse_int, "upgrade_rate_per_ip": _parse_float,
     "ai_request_rate": _parse_float, "ai_request_burst": _parse_int,

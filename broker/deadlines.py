@@ -45,14 +45,14 @@ class Deadlines:
         if target.deadline != math.inf:
             self._live -= 1
         target.deadline = when
-        if when == math.inf:
-            return
-        self._live += 1
-        earliest = self._heap[0][0] if self._heap else math.inf
-        heapq.heappush(self._heap, (when, next(self._order), target))
-        if when < earliest:
-            self._changed.set()  # the task sleeps until the old earliest: wake it
+        if when != math.inf:
+            self._live += 1
+            earliest = self._heap[0][0] if self._heap else math.inf
+            heapq.heappush(self._heap, (when, next(self._order), target))
+            if when < earliest:
+                self._changed.set()  # the task sleeps until the old earliest: wake it
         if len(self._heap) > 2 * self._live + 64:
+            # Stale entries keep closed connections alive too: drop them.
             self._heap = [entry for entry in self._heap if entry[2].deadline == entry[0]]
             heapq.heapify(self._heap)
 

@@ -35,7 +35,7 @@ from broker import cors
 from broker.ai.sessions import CHANNEL_PREFIX, ChatRejected, parse_chat_request, result_body
 from broker.auth import APP, AuthError, Grants, bearer_credential
 from broker.httpwire import CONTINUE, HttpError, Request, RequestHead, RequestReader, response
-from broker.limits import client_address
+from broker.limits import client_address, limit_key
 from broker.memory import MemoryBudget
 from broker.sockio import receive_some
 from broker.static import STATIC_FILES
@@ -169,12 +169,27 @@ def _ws_without_upgrade(broker: Broker, call: Call) -> bytes:
     raise ApiError(426, "/ws speaks WebSocket only: send Upgrade: websocket", (("Upgrade", "websocket"),))
 
 
-def _may_publish(broker: Broker, call: Call, channel: str, event: str, where: str) -> None:
+def _may_publish(broker: Broker, call: Call, channel: str, event: str, data: Any, persist: bool | None,
+                 where: str) -> None:
     """403 unless the caller may publish ``event`` on ``channel``: an app may publish anything; a
-    user what its token's ``publish`` grants and the channel's ``client_events`` allow."""
+    user what its token's ``publish`` grants and the channel's ``client_events`` allow, within
+    the limits of a client's ``pub`` (``max_client_data``, ``client_publish_rate`` per user,
+    and no ``persist``)."""
     grants = call.grants
     if grants.app:
         return
+    size = len(msgpack.packb(data))
+    if size > broker.config.max_client_data:
+        raise ApiError(413, f"{where}: data is {size} bytes as msgpack; a user's limit is "
+                            f"{broker.config.max_client_data} (max_client_data)")
+    if persist is not None:
+        raise ApiError(403, f"{where}: users may not set persist (the channel's options decide)")
+    wait = broker.user_publish_rate.take(f"user:{grants.user}", trio.current_time())
+    if wait > 0:
+        retry = str(math.ceil(wait))
+        raise ApiError(429, f"{where}: more than {broker.config.client_publish_rate:g} publications a "
+                            f"second from this user (client_publish_rate); retry in {retry} s",
+                       (("Retry-After", retry),))
     if not grants.may_publish(channel):
         raise ApiError(403, f"{where}: your token does not grant publishing on {channel} "
                             "(its publish claim)")
@@ -185,7 +200,7 @@ def _may_publish(broker: Broker, call: Call, channel: str, event: str, where: st
 
 def _emit(broker: Broker, call: Call) -> bytes:
     channel, event, data, persist = parse_event(broker, parse_body(call.head, call.body), "body")
-    _may_publish(broker, call, channel, event, "body")
+    _may_publish(broker, call, channel, event, data, persist, "body")
     try:
         pub = broker.publish(channel, event, data, persist=persist, validate=False)
     except LocalProtocolError as exc:
@@ -202,8 +217,8 @@ def _emit_batch(broker: Broker, call: Call) -> bytes:
     if len(items) > limit:
         raise ApiError(413, f"batch has {len(items)} events; the limit is {limit}")
     events = [parse_event(broker, item, f"events[{i}]") for i, item in enumerate(items)]
-    for index, (channel, event, _data, _persist) in enumerate(events):
-        _may_publish(broker, call, channel, event, f"events[{index}]")
+    for index, (channel, event, data, persist) in enumerate(events):
+        _may_publish(broker, call, channel, event, data, persist, f"events[{index}]")
     # Validated in full above, so nothing below can fail half way.
     pubs = [broker.publish(channel, event, data, persist=persist, validate=False)
             for channel, event, data, persist in events]
@@ -306,7 +321,10 @@ def _limit_ai_rate(broker: Broker, call: Call) -> None:
     address). An app's API key is not limited here: it speaks for many users."""
     if call.grants.app and broker.auth.required:
         return
-    key = f"user:{call.grants.user}" if call.grants.user is not None else f"ip:{call.client}"
+    user = call.grants.user
+    # Demo tokens are minted for anyone: a fresh one is no fresh bucket.
+    keyed_by_user = user is not None and not user.startswith(DEMO_USER_PREFIX)
+    key = f"user:{user}" if keyed_by_user else f"ip:{limit_key(call.client)}"
     wait = broker.ai_rate.take(key, trio.current_time())
     if wait > 0:
         retry = str(math.ceil(wait))
@@ -326,6 +344,10 @@ async def _ai_chat(broker: Broker, call: Call) -> bytes:
     try:
         chat = parse_chat_request(parse_body(call.head, call.body))
         _may_use_ai(call, chat.session_id)
+        if not call.grants.app and (chat.model is not None or chat.provider is not None):
+            # The operator's budget: which model answers is the app's choice, not a user's.
+            raise ApiError(403, "users may not choose the model or provider; the broker's are used "
+                                "(an app's API key may)")
         _limit_ai_rate(broker, call)
         generation = broker.ai.start(chat)
     except ChatRejected as exc:
@@ -351,6 +373,10 @@ async def _ai_cancel(broker: Broker, call: Call) -> bytes:
 
 #: Lifetime of the demo page's tokens; the page asks for a fresh one before it ends.
 DEMO_TOKEN_TTL = 600.0
+#: Session ids the demo mints tokens for (with ``[auth]``): never an app's own sessions.
+DEMO_SESSION_PREFIX = "demo-"
+#: The ``sub`` of the demo's tokens starts with this; they are rate-limited by address, not user.
+DEMO_USER_PREFIX = "demo:"
 
 
 async def _demo_token(broker: Broker, call: Call) -> bytes:
@@ -368,9 +394,12 @@ async def _demo_token(broker: Broker, call: Call) -> bytes:
         raise ApiError(400, f"sessionId makes a bad channel name: {problem}")
     if not broker.auth.users:
         return response(200, json_body({"ok": True, "token": None}))
+    if not session_id.startswith(DEMO_SESSION_PREFIX):
+        # Anyone who can load the page can ask: the demo's sessions are apart from the app's.
+        raise ApiError(403, f"the demo mints tokens for {DEMO_SESSION_PREFIX}* sessions only")
     _limit_ai_rate(broker, Call(head=call.head, body=b"", client=call.client, grants=Grants(user=None)))
-    token, exp = broker.auth.mint(user=f"demo:{session_id}", ttl=DEMO_TOKEN_TTL, channels=[channel],
-                                  publish=[channel], ai=[session_id])
+    token, exp = broker.auth.mint(user=f"{DEMO_USER_PREFIX}{session_id}", ttl=DEMO_TOKEN_TTL,
+                                  channels=[channel], publish=[channel], ai=[session_id])
     return response(200, json_body({"ok": True, "token": token, "exp": exp}))
 
 
@@ -563,7 +592,8 @@ def _grants(broker: Broker, head: RequestHead) -> Grants:
     try:
         grants = broker.auth.bearer(credential)
     except AuthError as exc:
-        description = exc.reason.replace('"', "'")[:200]
+        # Header values are latin-1 at most: keep the description to printable ASCII.
+        description = "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in exc.reason)[:200]
         raise ApiError(401, f"bad credential: {exc.reason}", (
             ("WWW-Authenticate", f'Bearer realm="tokenfan", error="invalid_token", '
                                  f'error_description="{description}"'),)) from None

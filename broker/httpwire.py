@@ -68,8 +68,9 @@ _REQUEST_LINE_WORDS = ("method", "HTTP", "version", "url", "URL", "protocol")
 _HEAD, _LENGTH_BODY, _CHUNKED_BODY, _UPGRADED = range(4)
 
 REASONS = {
-    100: "Continue", 101: "Switching Protocols", 200: "OK", 202: "Accepted", 400: "Bad Request",
-    404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
+    100: "Continue", 101: "Switching Protocols", 200: "OK", 202: "Accepted", 204: "No Content",
+    400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
     413: "Content Too Large", 415: "Unsupported Media Type", 421: "Misdirected Request",
     426: "Upgrade Required",
     429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",

@@ -78,6 +78,20 @@ class AddressCount:
         return len(self._counts)
 
 
+def limit_key(address: str) -> str:
+    """The key per-address limits count ``address`` under: an IPv4 address itself, an IPv6
+    address's /64 (one subscriber is routinely given a whole /64: each of its addresses is theirs)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
 def parse_networks(networks: Sequence[str]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(network, strict=False) for network in networks)
 

@@ -109,6 +109,8 @@ class Broker:
         self._memory_pressure = trio.Event()
         # Every replay page and history answer, all clients together; bursts of a second's worth.
         self.history_reads = SharedRate(self.config.history_read_rate, burst=self.config.history_read_rate)
+        # What heavy senders (clients past half their client_input_rate burst) send, all together.
+        self.heavy_input = SharedRate(self.config.heavy_input_rate, burst=self.config.heavy_input_rate)
         self._shed_logged = -math.inf
         self.http_gate = HttpPhaseGate(total=self.config.max_http_connections,
                                        per_address=self.config.max_http_connections_per_ip)
@@ -122,6 +124,8 @@ class Broker:
         self.upgrade_rate = KeyedRate(config.upgrade_rate_per_ip, 5 * config.upgrade_rate_per_ip)
         # /ai/chat, /ai/cancel and demo tokens per user (token sub) or address.
         self.ai_rate = KeyedRate(config.ai_request_rate, config.ai_request_burst)
+        # Publications through the HTTP API with a user token, per user: as a client's pub.
+        self.user_publish_rate = KeyedRate(config.client_publish_rate, config.client_publish_rate)
         self.expiry = Deadlines()
 
     # -- emitting ------------------------------------------------------------------

@@ -39,6 +39,7 @@ import protocol as p
 from broker.auth import APP, AuthError, Grants
 from broker.http import error_response
 from broker.hub import MAX_REPLAY
+from broker.limits import limit_key
 from broker.memory import MemoryBudget
 from broker.outbox import Outbox, OutboxState, OutboxStatistics
 from broker.sockio import receive_some
@@ -212,7 +213,8 @@ class WsConnection:
         self._frame_checked = self._pub_checked
         self._frames_refused = 0  # refused in a row: past client_frame_burst, the client is cut
         # What the client may do: everything on an open broker; None until it authenticates.
-        self.grants: Grants | None = None if broker.auth.users else APP
+        # (With only api_keys configured, a WebSocket client needs one too: nothing is open.)
+        self.grants: Grants | None = None if broker.auth.required else APP
         self.deadline = math.inf  # when the token expires (or the authentication is due); see Deadlines
         self.client = ""  # the client's address (X-Forwarded-For read when from a trusted proxy)
         self._counted_address: str | None = None
@@ -329,26 +331,27 @@ class WsConnection:
             return False
         broker = self.broker
         self.client = upgrade.client
-        wait = broker.upgrade_rate.take(self.client, trio.current_time())
+        counted_as = limit_key(self.client)
+        wait = broker.upgrade_rate.take(counted_as, trio.current_time())
         if wait > 0:
             await self._reject(429, f"too many WebSocket connections from your address "
                                     f"(upgrade_rate_per_ip: {broker.config.upgrade_rate_per_ip:g} a second); "
                                     f"retry in {math.ceil(wait)} s",
                                headers=(("Retry-After", str(math.ceil(wait))),))
             return False
-        key = upgrade.head.headers["sec-websocket-key"].encode("ascii")
+        websocket_key = upgrade.head.headers["sec-websocket-key"].encode("ascii")
         self.ws = wsproto.connection.Connection(wsproto.ConnectionType.SERVER)
         self.outbox.offer(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                           b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
-                          + generate_accept_token(key) + b"\r\n\r\n")
+                          + generate_accept_token(websocket_key) + b"\r\n\r\n")
         refusal = None
         if broker.at_connection_limit():
             refusal = "server is at its connection limit"
-        elif not broker.connections_per_ip.enter(self.client):
+        elif not broker.connections_per_ip.enter(counted_as):
             refusal = (f"your address holds {broker.config.max_connections_per_ip} connections "
                        "(max_connections_per_ip)")
         else:
-            self._counted_address = self.client
+            self._counted_address = counted_as
         if refusal is not None:
             # Accept, then say why we close: clients see a documented code, not a reset.
             self.close(p.Code.TOO_MANY_CONNECTIONS, refusal)
@@ -374,7 +377,17 @@ class WsConnection:
     # -- reading --------------------------------------------------------------
 
     async def _reader(self) -> None:
+        config = self.broker.config
+        burst = INPUT_BURST_SECONDS * config.client_input_rate
+        heavy = False  # past half its burst; light again only once the burst is whole again
         while self.outbox.state is OutboxState.OPEN:
+            if heavy:
+                # A heavy sender (past half its burst): its next read waits its turn at the rate
+                # all heavy senders share, so many of them together cannot take the core from
+                # the live streams. Light senders (commands, pings) never wait in this line.
+                await trio.lowlevel.wait_readable(self.fd)
+                async with self.broker.heavy_input.turn():
+                    pass
             data = await receive_some(self.fd)
             if not data:
                 self.outbox.abort()
@@ -383,11 +396,16 @@ class WsConnection:
             await self._receive(data)
             # What a client sends costs the broker CPU to read and decode (refused or not): past
             # client_input_rate this connection is read no further for a while (TCP pushes back).
-            rate = self.broker.config.client_input_rate
-            self._input_allowance = min(INPUT_BURST_SECONDS * rate,
-                                        self._input_allowance + (now - self._input_checked) * rate)
+            rate = config.client_input_rate
+            self._input_allowance = min(burst, self._input_allowance + (now - self._input_checked) * rate)
             self._input_checked = now
+            # Heavy past half its burst, light again only once its burst has refilled whole: a
+            # sender waiting in the shared line refills its own allowance meanwhile, and must not
+            # slip out of the line before it has really stopped sending.
+            heavy = (heavy and self._input_allowance < burst) or self._input_allowance - len(data) < burst / 2
             self._input_allowance -= len(data)
+            if heavy:
+                self.broker.heavy_input.spend(len(data))
             del data  # not held while this connection waits
             if self._input_allowance < 0:
                 await trio.sleep(-self._input_allowance / rate)
@@ -548,7 +566,7 @@ class WsConnection:
             self.reply_urgent(p.Ok(id=frame.id))
         elif isinstance(frame, p.Hello):
             grants = self.grants
-            if broker.auth.users and frame.token is not None:
+            if broker.auth.required and frame.token is not None:
                 if grants is not None and trio.current_time() - self._authenticated_at < REFRESH_INTERVAL:
                     # Verifying a signature costs up to a few hundred microseconds (RSA, EC): a
                     # client may not make the broker do it at its frame rate.

@@ -96,14 +96,74 @@ async def test_health_stays_open_and_the_demo_is_off_with_auth(auth_broker: Star
 async def test_the_demo_mints_tokens_for_its_own_session_only(auth_broker: StartAuth) -> None:
     broker = await auth_broker(demo=True)
     base = f"http://127.0.0.1:{broker.port}"
-    status, _, body = await _call(f"{base}/demo/token", {"sessionId": "page-1"})
+    status, _, body = await _call(f"{base}/demo/token", {"sessionId": "demo-page-1"})
     assert status == 200, body
     grants = Authenticator(AuthConfig(jwt_secret=(SECRET,))).verify(body["token"])
-    assert grants.may_subscribe("ai-chat/page-1") and not grants.may_subscribe("ai-chat/page-2")
-    assert grants.may_use_ai("page-1") and not grants.may_use_ai("page-2")
-    status, _, _ = await _call(f"{base}/ai/chat", {"message": "hi", "sessionId": "page-2", "wait": False},
-                               credential=body["token"])
+    assert grants.may_subscribe("ai-chat/demo-page-1") and not grants.may_subscribe("ai-chat/demo-page-2")
+    assert grants.may_use_ai("demo-page-1") and not grants.may_use_ai("demo-page-2")
+    other = {"message": "hi", "sessionId": "demo-page-2", "wait": False}
+    status, _, _ = await _call(f"{base}/ai/chat", other, credential=body["token"])
     assert status == 403
+
+
+async def test_the_demo_mints_nothing_for_an_apps_sessions(auth_broker: StartAuth) -> None:
+    """Once, anyone could get a demo token for the app's session alice-1, watch it and cancel it."""
+    broker = await auth_broker(demo=True)
+    base = f"http://127.0.0.1:{broker.port}"
+    status, _, body = await _call(f"{base}/demo/token", {"sessionId": "alice-1"})
+    assert status == 403 and "demo-*" in body["error"]
+
+
+async def test_demo_tokens_share_their_address_s_ai_rate(auth_broker: StartAuth) -> None:
+    """Each demo token has its own sub: keyed by user, every fresh token was a fresh bucket."""
+    broker = await auth_broker(demo=True, ai_request_rate=0.1, ai_request_burst=4)
+    base = f"http://127.0.0.1:{broker.port}"
+    statuses = []
+    for index in range(6):
+        status, _, body = await _call(f"{base}/demo/token", {"sessionId": f"demo-{index}"})
+        if status == 200:
+            status, _, _ = await _call(f"{base}/ai/cancel", {"sessionId": f"demo-{index}"},
+                                       credential=body["token"])
+        statuses.append(status)
+    assert statuses.count(429) >= 2, statuses
+
+
+async def test_users_may_not_choose_the_model_or_provider(auth_broker: StartAuth) -> None:
+    broker = await auth_broker()
+    url = f"http://127.0.0.1:{broker.port}/ai/chat"
+    user = token(ai=["s1"])
+    for extra in ({"model": "o1-pro"}, {"provider": "openai"}):
+        status, _, body = await _call(url, {"message": "hi", "sessionId": "s1", "wait": False, **extra},
+                                      credential=user)
+        assert status == 403 and "model or provider" in body["error"]
+    status, _, _ = await _call(url, {"message": "hi", "sessionId": "s1", "wait": False, "model": "demo"},
+                               credential=API_KEY)
+    assert status == 202
+
+
+async def test_a_users_http_emits_are_bounded_like_its_pubs(auth_broker: StartAuth) -> None:
+    """Once, /api/emit with a user token took 900 KB with persist, 20,000 events in 0.8 s."""
+    broker = await auth_broker(client_publish_rate=5)
+    url = f"http://127.0.0.1:{broker.port}/api/emit"
+    user = token(publish=["ai-chat/*"])
+    big = {"channel": "ai-chat/u", "event": "ai:cancel", "data": {"junk": "j" * 10_000}}
+    status, _, body = await _call(url, big, credential=user)
+    assert status == 413 and "max_client_data" in body["error"]
+    kept = {"channel": "ai-chat/u", "event": "ai:cancel", "data": {}, "persist": True}
+    status, _, body = await _call(url, kept, credential=user)
+    assert status == 403 and "persist" in body["error"]
+    small = {"channel": "ai-chat/u", "event": "ai:cancel", "data": {}}
+    statuses = [(await _call(url, small, credential=user))[0] for _ in range(8)]
+    assert statuses[:5] == [200] * 5 and 429 in statuses[5:]
+
+
+async def test_a_non_ascii_algorithm_gets_a_401_not_a_dropped_connection(auth_broker: StartAuth) -> None:
+    broker = await auth_broker()
+    forged = "eyJhbGciOiLigqwiLCJ0eXAiOiJKV1QifQ.eyJzdWIiOiJ4In0.c2ln"  # {"alg":"€"}
+    status, headers, body = await _call(f"http://127.0.0.1:{broker.port}/api/emit",
+                                        {"channel": "c", "event": "e"}, credential=forged)
+    assert status == 401 and "signed with" in body["error"]
+    assert headers["www-authenticate"].isascii()
 
 
 async def test_an_open_broker_gives_the_demo_no_token(start_broker: Any) -> None:

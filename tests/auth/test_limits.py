@@ -8,6 +8,7 @@ import trio
 import wsproto.events as wse
 
 import protocol as p
+from broker.limits import limit_key
 from tests.auth.conftest import OpenWs, StartAuth, call, reply, token
 from tests.broker.conftest import StartBroker
 from tests.broker.rawclient import RawClient
@@ -118,3 +119,23 @@ async def test_ai_requests_on_an_open_broker_are_limited_per_address(start_broke
     statuses = [(await trio.to_thread.run_sync(functools.partial(call, url, {"sessionId": "x"})))[0]
                 for _ in range(3)]
     assert statuses == [200, 200, 429]
+
+
+def test_an_ipv6_client_is_counted_by_its_slash_64() -> None:
+    """One subscriber routinely holds a whole /64: counted per address, it would have 2^64 buckets."""
+    assert limit_key("2001:db8::1") == limit_key("2001:db8::ffff:1") == "2001:db8::/64"
+    assert limit_key("2001:db8:0:1::1") != limit_key("2001:db8::1")
+    assert limit_key("::ffff:10.1.2.3") == limit_key("10.1.2.3") == "10.1.2.3"
+
+
+async def test_closed_unauthenticated_connections_leave_no_deadlines(auth_broker: StartAuth) -> None:
+    broker = await auth_broker()
+    for _ in range(150):  # each connects (a handshake deadline is set) and leaves at once
+        client, _ = await _upgrade(broker.port)
+        client.sock.close()
+    for _ in range(500):
+        if not broker.connections:
+            break
+        await trio.sleep(0.01)
+    assert not broker.connections
+    assert len(broker.expiry) <= 64 + 2  # stale entries dropped: closed connections are not kept alive

@@ -58,6 +58,9 @@ async def test_a_token_on_the_upgrade_url_authenticates(
         (lambda: "not.a.jwt", "not a JWT"),
         (lambda: token(algorithm="none", key=None), "signed with 'none'"),
         (lambda: token(nbf=int(time.time()) + 3600), "not valid yet"),
+        (lambda: token(exp=10**400), "'exp' must be a number"),
+        (lambda: token(exp="99999999999"), "'exp' must be a number"),
+        (lambda: token(channels=[f"ai-chat/{index}{'*a' * 120}" for index in range(10)]), "2048 in all"),
     ],
 )
 async def test_a_bad_token_is_refused_saying_why(
@@ -289,3 +292,14 @@ async def test_a_narrower_fresh_token_revokes_what_it_no_longer_grants(
             break
         await trio.sleep(0.01)
     assert broker.hub.channel("ai-chat/x") is None
+
+
+async def test_with_only_api_keys_a_websocket_needs_one_too(auth_broker: StartAuth, open_ws: OpenWs) -> None:
+    """Once, [auth] with api_keys alone left every WebSocket open (and passed the bind check)."""
+    broker = await auth_broker(auth=AuthConfig(api_keys=(API_KEY,)))
+    anonymous = await open_ws(broker)
+    await anonymous.command(p.Sub(id=1, ch="ai-chat/alice-1"))
+    assert (await _bye(anonymous)).code == p.Code.UNAUTHORIZED
+    app = await open_ws(broker)
+    assert isinstance(await reply(app, p.Hello(id=1, token=API_KEY)), p.Ok)
+    assert isinstance(await reply(app, p.Sub(id=2, ch="ai-chat/alice-1")), p.Ok)
