@@ -63,3 +63,37 @@ async def test_a_client_that_sends_fast_is_read_at_its_input_rate(
                 await client.publish("ai-chat/z", "ai:cancel", {"junk": "j" * 20_000})
         took = trio.current_time() - started
     assert took > 5.0, f"800 KB at 64 KiB/s (256 KiB burst) took only {took:.1f} s"
+
+
+async def test_heavy_senders_share_one_rate_and_light_ones_never_wait(start_broker: StartBroker) -> None:
+    """Per-connection rates add up with the number of connections; heavy_input_rate does not."""
+    broker = await start_broker(client_input_rate=1024 * 1024, heavy_input_rate=256 * 1024,
+                                client_publish_rate=1000, client_frame_burst=1000)
+    url = f"ws://127.0.0.1:{broker.port}/ws"
+    junk = {"junk": "j" * 50_000}  # refused as too large (max_client_data), yet read
+
+    finished: list[float] = []
+
+    async def flood() -> None:
+        async with connect(url, reconnect=False) as client:
+            for _ in range(48):  # 2.4 MB: the first 2 MiB (half the burst) light, the rest heavy
+                with pytest.raises(CommandError):
+                    await client.publish("ai-chat/z", "ai:cancel", junk)
+        finished.append(trio.current_time())
+
+    async with connect(url, reconnect=False) as light:
+        started = trio.current_time()
+        pings: list[float] = []
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(flood)
+            for _ in range(10):
+                await trio.sleep(0.2)
+                sent = trio.current_time()
+                await light.ping()
+                pings.append(trio.current_time() - sent)
+        took = max(finished) - started
+    # About 1.5 s here (4 x 0.3 MB heavy at 256 KiB/s, less refills); 0.1 s without: each would have
+    # been read at once (it stays within its own 4 MiB burst).
+    assert took > 1.0, f"4 heavy senders took only {took:.1f} s at a shared 256 KiB/s"
+    assert max(pings) < 0.1, f"a light client's ping took {max(pings) * 1000:.0f} ms"
