@@ -329,7 +329,7 @@ class Config:
     max_client_data: int = 4096
     client_publish_rate: float = 10.0
     replay_rate: int = 16 * 1024 * 1024
-    history_read_rate: int = 32 * 1024 * 1024
+    history_read_rate: int = 16 * 1024 * 1024
     client_input_rate: int = 64 * 1024
     heavy_input_rate: int = 4 * 1024 * 1024
     client_frame_rate: float = 100.0
