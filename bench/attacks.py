@@ -70,6 +70,8 @@ HISTORY_PIPELINE = 190
 PAIRS = 100
 FRAGMENT_BYTES = 60_000
 PUB_DATA_BYTES = 60_000
+#: Each attacking socket's kernel send buffer (SO_SNDBUF; the kernel doubles it).
+ATTACKER_SNDBUF = 128 * 1024
 
 _UPGRADE = (f"GET /ws HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             "Sec-WebSocket-Key: dG9rZW5mYW4tYWJ1c2UhIQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
@@ -194,6 +196,10 @@ async def _connect(target: Target, stats: Stats, *, rcvbuf: int = 0,
     try:
         if rcvbuf:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        # A real attacker's send buffers are on its own machine; here they would share this
+        # host's TCP memory with the broker and the honest swarm (hundreds of MiB of autotuned
+        # buffers push every socket into TCP memory pressure), so they are capped.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, ATTACKER_SNDBUF)
         if source is not None:
             await sock.bind((source, 0))
         await sock.connect((HOST, target.port))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import socket
 import time
 import urllib.parse
 from collections import deque
@@ -53,6 +54,8 @@ if TYPE_CHECKING:
 SERVER_NAME = "tokenfan/0.1.0"
 #: History read for one recovery, in units of ``outbox_limit``, before coalescing makes it fit.
 REPLAY_READ_FACTOR = 16
+#: The kernel receive buffer of a WebSocket connection (SO_RCVBUF; the kernel doubles it).
+WS_RECEIVE_BUFFER = 64 * 1024
 #: A client may send this many seconds' worth of ``client_input_rate`` at once.
 INPUT_BURST_SECONDS = 4
 #: Least time between two tokens on one connection (the first, or refreshes).
@@ -330,6 +333,11 @@ class WsConnection:
             await self._reject(400, f"bad WebSocket handshake: {problem}")
             return False
         broker = self.broker
+        # A WebSocket client sends commands, not bulk, and one that sends fast is read slowly
+        # (client_input_rate): with the kernel's autotuned buffer (up to tcp_rmem's maximum,
+        # 32 MiB here) each could park megabytes in the kernel, and enough of them push every
+        # socket on the machine into TCP memory pressure. The kernel doubles the value given.
+        self.stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, WS_RECEIVE_BUFFER)
         self.client = upgrade.client
         counted_as = limit_key(self.client)
         wait = broker.upgrade_rate.take(counted_as, trio.current_time())
