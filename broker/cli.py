@@ -13,6 +13,7 @@ on stderr, instead of ending the command.
 from __future__ import annotations
 
 import argparse
+import gc
 import http
 import http.client
 import importlib.metadata
@@ -221,10 +222,30 @@ def _run(async_fn: Callable[..., Awaitable[int]], *args: object, url: str) -> in
 # -- serve -----------------------------------------------------------------------
 
 
+#: CPython's collector thresholds for ``tokenfan serve``: the youngest generation collected every
+#: 10,000 allocations instead of 700, and a full collection a tenth as often (see _tune_gc).
+GC_THRESHOLDS = (10_000, 10, 100)
+
+
+def _tune_gc() -> None:
+    """Make full collections rare, and skip what was loaded at start.
+
+    A full collection walks every tracked object: with a thousand connections it took 91 ms,
+    during which no token went anywhere (the honest p99 under a publication flood went from
+    30 to 280 ms on one such pause). The broker makes little cyclic garbage, so collecting it
+    less often costs little memory; what start-up loaded (modules, the demo corpus) is moved
+    out of the collector's sight for good (``gc.freeze``).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 async def _serve(broker: Broker) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(broker.serve)
+            _tune_gc()
             print(f"tokenfan listening on http://{broker.config.host}:{broker.port}", flush=True)
             async for _ in signals:
                 print("tokenfan shutting down", file=sys.stderr, flush=True)
