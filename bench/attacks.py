@@ -289,17 +289,23 @@ async def nonreaders(target: Target, stats: Stats, ready: Ready) -> None:
     subscribe = client_frame(p.encode_batch([p.Sub(id=1, ch=target.honest_channel),
                                              p.Sub(id=2, ch=target.history_channel, since=since)]))
     chatter = client_frame(b"alive", opcode=0x9) + client_frame(p.encode(p.Ping(id=3)))
+    await _hold_open(target, stats, ready, subscribe, chatter, rcvbuf=4096)
+
+
+async def _hold_open(target: Target, stats: Stats, ready: Ready, first: bytes, every_second: bytes,
+                     *, rcvbuf: int = 0) -> None:
+    """Upgrade, send ``first``, then ``every_second`` each second until cut; connect again."""
     while True:
-        sock = await _upgrade(target, stats, rcvbuf=4096)
+        sock = await _upgrade(target, stats, rcvbuf=rcvbuf)
         if sock is None:
             await trio.sleep(0.1)
             continue
         ready()
         with sock, contextlib.suppress(OSError):
-            await _send_all(sock, subscribe, stats)
+            await _send_all(sock, first, stats)
             while _still_open(sock):
                 await trio.sleep(1.0)
-                await _send_all(sock, chatter, stats)
+                await _send_all(sock, every_second, stats)
         _ended(stats, None)
         await trio.sleep(0.05)
 
@@ -325,19 +331,7 @@ async def history(target: Target, stats: Stats, ready: Ready) -> None:
 async def fragments(target: Target, stats: Stats, ready: Ready) -> None:
     first = client_frame(b"\x00" * FRAGMENT_BYTES, fin=False)
     ping = client_frame(b"alive", opcode=0x9)
-    while True:
-        sock = await _upgrade(target, stats)
-        if sock is None:
-            await trio.sleep(0.1)
-            continue
-        ready()
-        with sock, contextlib.suppress(OSError):
-            await _send_all(sock, first, stats)
-            while _still_open(sock):
-                await trio.sleep(1.0)
-                await _send_all(sock, ping, stats)
-        _ended(stats, None)
-        await trio.sleep(0.05)
+    await _hold_open(target, stats, ready, first, ping)
 
 
 class _Budget:

@@ -588,20 +588,19 @@ def _grants(broker: Broker, head: RequestHead) -> Grants:
     if not broker.auth.required or not head.path.startswith(_GUARDED_PREFIXES) or head.method == "OPTIONS":
         return APP
     credential = bearer_credential(head.headers.get("authorization"))
-    broker.auth_refused += 1  # taken back below when the credential is good
     if credential is None:
+        broker.auth_refused += 1
         raise ApiError(401, "this broker needs a credential: send Authorization: Bearer <API key or "
                             "user token>", (("WWW-Authenticate", 'Bearer realm="tokenfan"'),))
     try:
-        grants = broker.auth.bearer(credential)
+        return broker.auth.bearer(credential)
     except AuthError as exc:
+        broker.auth_refused += 1
         # Header values are latin-1 at most: keep the description to printable ASCII.
         description = "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in exc.reason)[:200]
         raise ApiError(401, f"bad credential: {exc.reason}", (
             ("WWW-Authenticate", f'Bearer realm="tokenfan", error="invalid_token", '
                                  f'error_description="{description}"'),)) from None
-    broker.auth_refused -= 1
-    return grants
 
 
 async def _serve(broker: Broker, conn: _Connection, peer: str) -> Upgrade | None:
