@@ -14,9 +14,11 @@ which is how pending frames get joined under load.
 The queue is bounded in bytes (``limit``). Items are the publication
 ``bytes`` objects shared by all subscribers, so a queued byte costs a
 reference, not a copy. When the queue passes a quarter of the limit, the
-outbox hands everything but a half-written head to its :class:`Backlog`,
-which coalesces queued tokens losslessly; the next attempt comes halfway
-between the new size and the limit. When an offer would pass the limit the
+outbox hands what no shrink has seen yet (never a half-written head) to its
+:class:`Backlog`, which coalesces queued tokens losslessly; the next attempt
+comes halfway between the new size and the limit. Each queued byte is thus
+decoded for coalescing at most once, and a replay offered ``compact`` (built
+from pages that were coalesced already) not at all. When an offer would pass the limit the
 backlog also applies the channels' ``drop`` policy, and if the queue still does
 not fit the outbox *overflows*: it drops its backlog (keeping the unsent tail
 of a frame that is half on the wire, so the stream stays well-formed), queues
@@ -67,8 +69,8 @@ class OutboxStatistics:
 class Outbox:
     """Ordered, byte-bounded send queue of one socket. See the module docstring."""
 
-    __slots__ = ("_backlog", "_budget", "_fd", "_head_is_tail", "_last_progress", "_limit", "_lot",
-                 "_overflow_frames", "_queue", "_queued", "_shed_frames", "_shrink_at", "_state",
+    __slots__ = ("_backlog", "_budget", "_fd", "_fresh", "_head_is_tail", "_last_progress", "_limit",
+                 "_lot", "_overflow_frames", "_queue", "_queued", "_shed_frames", "_shrink_at", "_state",
                  "on_overflow", "overflowed")
 
     def __init__(self, fd: int, *, limit: int, overflow_frames: bytes = b"",
@@ -96,6 +98,9 @@ class Outbox:
         # Whether a half-written head (a memoryview) runs to the end of a bytes object of whole
         # frames (so it can be split after its partly sent frame).
         self._head_is_tail = True
+        # Items before this index have been through the backlog (or were offered compact):
+        # shrinking them again would cost a decode and gain nothing.
+        self._fresh = 0
         self._queued = 0
         self._last_progress = 0.0  # when the queue last became non-empty or the kernel took some of it
         self._state = OutboxState.OPEN
@@ -134,8 +139,12 @@ class Outbox:
         return OutboxStatistics(state=self._state, bytes_queued=self._queued,
                                 items_queued=len(self._queue), bytes_held=held, overflowed=self.overflowed)
 
-    def offer(self, data: bytes) -> bool:
+    def offer(self, data: bytes, *, compact: bool = False) -> bool:
         """Send ``data`` after everything offered before it, without waiting.
+
+        ``compact`` says ``data`` is already as small as the backlog would make
+        it (a replay built from coalesced pages): a later shrink skips it, so a
+        large replay is not decoded again the moment it is queued.
 
         Returns False if the bytes will not be sent: the outbox is closing or
         dead, or this offer made it overflow.
@@ -157,6 +166,8 @@ class Outbox:
         else:
             rest = data
         self._push(rest)
+        if compact and self._fresh == len(self._queue) - 1:
+            self._fresh += 1  # everything queued has been shrunk already
         if self._queued > self._shrink_at:
             return self._relieve()
         return True
@@ -169,7 +180,10 @@ class Outbox:
         queue = self._queue
         if self._state is not OutboxState.OPEN or not queue:
             return self.offer(data)
-        queue.insert(1 if isinstance(queue[0], memoryview) else 0, data)
+        at = 1 if isinstance(queue[0], memoryview) else 0
+        queue.insert(at, data)
+        if at < self._fresh:
+            self._fresh += 1  # a reply among shrunk items: nothing to coalesce in it either
         self._set_queued(self._queued + len(data))
         if self._queued > self._shrink_at:
             return self._relieve()
@@ -237,6 +251,7 @@ class Outbox:
                 queue[done] = memoryview(head)[written:]
                 written = 0
         del queue[:done]
+        self._fresh = max(0, self._fresh - done)
         if not queue and self._backlog is not None:
             self._shrink_at = self._limit // 4
 
@@ -247,10 +262,14 @@ class Outbox:
             queue = self._queue
             keep = self._split_head()  # the frame half on the wire stays whole
             for drop in (False, True):
-                shrunk = backlog.shrink(queue[keep:], drop=drop)
-                del queue[keep:]
-                queue.extend(shrunk)
-                self._set_queued(sum(len(item) for item in queue))
+                # Coalescing looks only at what no shrink has seen; dropping looks at everything.
+                start = keep if drop else max(keep, self._fresh)
+                if start < len(queue):
+                    shrunk = backlog.shrink(queue[start:], drop=drop)
+                    del queue[start:]
+                    queue.extend(shrunk)
+                    self._set_queued(sum(len(item) for item in queue))
+                self._fresh = len(queue)
                 if self._queued <= self._limit:
                     break
         if self._queued > self._limit:
@@ -282,6 +301,8 @@ class Outbox:
         # only its unsent length is charged; this way the bytes held are the bytes counted.
         if boundary < len(whole):
             queue.insert(1, whole[boundary:])
+            if self._fresh >= 1:
+                self._fresh += 1  # the head's frames were seen by a shrink: so were the rest of them
         queue[0] = memoryview(whole[sent:boundary])
         self._head_is_tail = False  # the head is now the rest of one frame: nothing to split
         return 1
@@ -304,6 +325,7 @@ class Outbox:
             self._split_head()  # only the partly sent frame stays (copied out of its bytes)
             head = self._queue[0]
         self._queue.clear()
+        self._fresh = 0
         self._set_queued(0)
         if isinstance(head, memoryview):
             self._queue.append(head)
@@ -319,6 +341,7 @@ class Outbox:
 
     def _die(self) -> None:
         self._queue.clear()
+        self._fresh = 0
         self._set_queued(0)
         self._state = OutboxState.DEAD
         self._lot.unpark_all()

@@ -62,6 +62,8 @@ INPUT_BURST_SECONDS = 4
 REFRESH_INTERVAL = 1.0
 #: History read (and coalesced) in one step of a recovery, before other clients get a turn.
 REPLAY_PAGE_BYTES = 256 * 1024
+#: A replay smaller than this is queued as compact without coalescing: too few frames to gain.
+COMPACT_BELOW = 4096
 
 
 class _ReplayPages:
@@ -544,12 +546,18 @@ class WsConnection:
         """Queue a reply that no queued publication needs to precede, ahead of a backlog."""
         self.outbox.offer_urgent(p.ws_frame(p.encode(frame)))
 
-    def _fit_replay(self, frames: list[bytes], room: int) -> bytes | None:
-        """The replayed frames joined, coalesced if large; None if they do not fit in ``room`` bytes."""
+    def _fit_replay(self, frames: list[bytes], room: int, *, coalesce: bool) -> tuple[bytes | None, bool]:
+        """The replayed frames joined (None if they do not fit in ``room`` bytes), and whether
+        they are compact: coalesced, or too few to be worth it.
+
+        They are coalesced when large, or when ``coalesce`` says they end a replay whose earlier
+        pages were (so the whole replay can be queued as compact).
+        """
         joined = b"".join(frames)
-        if len(joined) > room // 2:
+        shrunk = coalesce or len(joined) > room // 2
+        if shrunk and joined:
             joined = b"".join(self.broker.backlog.shrink([joined], drop=False))
-        return joined if len(joined) <= room else None
+        return (joined if len(joined) <= room else None), shrunk or len(joined) < COMPACT_BELOW
 
     def _handle(self, frame: p.Frame) -> None:
         broker = self.broker
@@ -669,10 +677,12 @@ class WsConnection:
         """Subscribe in one synchronous step: read the last page, join the stream, send ok + replay."""
         hub = self.broker.hub
         last: list[int] = [0]  # bytes of history the last step read
+        compact = [True]  # whether the replay is as coalesced as the backlog would make it
 
         def fit(frames: list[bytes]) -> bytes | None:
             last[0] = sum(len(frame) for frame in frames)
-            return self._fit_replay(frames, room)
+            joined, compact[0] = self._fit_replay(frames, room, coalesce=bool(earlier.pieces))
+            return joined
 
         # The last page (read again: no await since the loop looked at it) joins the live stream.
         joined = hub.subscribe(frame.ch, self.outbox, since=since, max_replay_bytes=REPLAY_PAGE_BYTES,
@@ -692,7 +702,8 @@ class WsConnection:
                     (_, after), replay, recovered = self.broker.engine.position(frame.ch), b"", False
         ok = p.ws_frame(p.encode(p.Ok(id=frame.id, ch=frame.ch, o=after, ep=joined.epoch,
                                       recovered=recovered)))
-        self.outbox.offer(ok + replay if replay else ok)
+        # Pages were coalesced as they were read: a shrink need not decode them again.
+        self.outbox.offer(ok + replay if replay else ok, compact=compact[0])
 
     async def _read_replay(self, channel: str,
                            since: p.Position) -> tuple[p.Position | None, _ReplayPages, bool]:

@@ -122,3 +122,47 @@ async def test_a_half_sent_head_holds_only_what_is_charged(pair: tuple[socket.so
     stats = outbox.statistics()
     assert stats.state is OutboxState.OPEN
     assert stats.bytes_held <= stats.bytes_queued + len(frames[0]), stats
+
+
+def _tokens(channel: str, first: int, count: int, size: int = 100) -> list[bytes]:
+    return [p.ws_frame(p.encode(p.Ev(ch=channel, ev="ai:token", d={"token": "t" * size}, o=first + i)))
+            for i in range(count)]
+
+
+def _received_events(data: bytes) -> list[p.Ev]:
+    frames = p.split_ws_frames(data)
+    assert frames is not None
+    return [frame for _opcode, _start, payload, end in frames
+            for frame in p.decode_message(data[payload:end], peer=p.Peer.SERVER, limits=p.SERVER_LIMITS)
+            if isinstance(frame, p.Ev)]
+
+
+async def test_a_shrink_decodes_only_what_no_shrink_has_seen(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """A compact offer is never coalesced again, and tokens queued after a shrink are coalesced
+    among themselves, each byte decoded once (a queue past its mark is not decoded whole again)."""
+    a, b = pair
+    backlog = Backlog(lambda channel: ChannelOptions())
+    outbox = Outbox(a.fileno(), limit=1 << 20, backlog=backlog)
+    compact = b"".join(_tokens("c", 0, 1000))  # coalescable, but offered as compact: left as it is
+    assert outbox.offer(compact, compact=True)  # more than the socket takes: the rest is queued
+    assert backlog.statistics().coalesced == 0
+    later = _tokens("c", 1000, 2000)
+    for frame in later:
+        assert outbox.offer(frame)
+    coalesced = backlog.statistics().coalesced
+    assert 0 < coalesced < len(later)  # only the later tokens were coalesced
+    received = bytearray()
+    outbox.close()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(outbox.run_writer)
+        with trio.fail_after(5):
+            while outbox.statistics().bytes_queued:
+                await trio.lowlevel.wait_readable(b)
+                received += drain(b)
+    received += drain(b)
+    events = _received_events(bytes(received))
+    assert [event.o for event in events[:1000]] == list(range(1000))  # the compact part, untouched
+    text = "".join(event.d["token"] for event in events[1000:])
+    assert text == "t" * 100 * 2000 and events[-1].o == 2999
+    assert len(events) - 1000 == len(later) - coalesced
