@@ -8,12 +8,13 @@ Embed it in a Trio app::
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             fan = await nursery.start(broker.serve, broker.Config(port=8765))
-            fan.emit("ai-chat/42", "ai:token", {"token": "Hello"})
+            await fan.emit("ai-chat/42", "ai:token", {"token": "Hello"})
 """
 
 from broker.config import ChannelOptions, Config, ConfigError, load_config
+from broker.errors import EmitError, EngineUnavailable
 from broker.hub import Publication
-from broker.server import Broker, BrokerStatistics, EmitError, serve
+from broker.server import Broker, BrokerStatistics, serve
 
 __all__ = ["Broker", "BrokerStatistics", "ChannelOptions", "Config", "ConfigError", "EmitError",
-           "Publication", "load_config", "serve"]
+           "EngineUnavailable", "Publication", "load_config", "serve"]

@@ -256,6 +256,7 @@ async def _serve(broker: Broker) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, overrides={"host": args.host, "port": args.port,
+                                                     "engine": args.engine,
                                                      "allow_insecure": True if args.insecure else None})
         problem = config.insecure_bind_problem()
         if problem is not None:
@@ -270,10 +271,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger("tokenfan").info("open files limit raised from %d to %d (the hard limit)",
                                            before, after)
     failure: OSError | None = None
+    unreachable: ConfigError | None = None
     try:
         trio.run(_serve, Broker(config))
     except* OSError as group:  # raised by the listener inside the broker's nursery
         failure = first_leaf(group)
+    except* ConfigError as group:  # the engine's Redis cannot be reached
+        unreachable = first_leaf(group)
+    if unreachable is not None:
+        _note(f"tokenfan: {unreachable}")
+        return EXIT_FAILED
     if failure is not None:
         _note(f"tokenfan: cannot listen on {config.host}:{config.port}: {failure.strerror or failure}")
         return EXIT_FAILED
@@ -547,6 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on; 0 picks a free one (default 8765)")
     serve.add_argument("--config", help="TOML configuration file")
+    serve.add_argument("--engine", metavar="URL",
+                       help="where channel streams live: memory (default) or redis://HOST:PORT/DB, "
+                            "shared by every broker on it (docs/scaling.md)")
     serve.add_argument("--insecure", action="store_true",
                        help="serve on a non-loopback address without [auth] (allow_insecure = true): "
                             "anyone who reaches the port may do anything")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from broker.redis.resp import RedisAddress
 from protocol.limits import NAME_PATTERN
 
 
@@ -323,6 +324,8 @@ class Config:
     ping_interval: float = 20.0
     shutdown_timeout: float = 5.0
     batching: bool = True
+    engine: str = "memory"
+    redis_prefix: str = "tokenfan"
     history_max_bytes: int = 256 * 1024 * 1024
     memory_limit: int = 0
     allowed_hosts: tuple[str, ...] = ()
@@ -369,7 +372,20 @@ class Config:
                 "Configure [auth] (docs/security.md), or serve an open broker on purpose with "
                 "allow_insecure = true (tokenfan serve --insecure)")
 
+    @property
+    def redis_url(self) -> str | None:
+        """The Redis URL of ``engine``, or None for the memory engine."""
+        return None if self.engine == "memory" else self.engine
+
     def __post_init__(self) -> None:
+        if self.engine != "memory":
+            try:
+                RedisAddress.parse(self.engine)
+            except ValueError as exc:
+                raise ConfigError(f"engine: must be memory or a redis:// URL: {exc}") from None
+        if not self.redis_prefix or any(c in self.redis_prefix for c in "{} \t\r\n"):
+            raise ConfigError("redis_prefix: must be a non-empty name without braces or spaces, "
+                              f"got {self.redis_prefix!r}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port: must be between 0 and 65535, got {self.port}")
         if not self.host:
@@ -444,6 +460,7 @@ _PARSERS: dict[str, Any] = {
     "max_body_size": parse_size, "max_batch_events": _parse_int,
     "handshake_timeout": parse_duration, "idle_timeout": parse_duration,
     "ping_interval": parse_duration, "shutdown_timeout": parse_duration, "batching": _parse_bool,
+    "engine": _parse_str, "redis_prefix": _parse_str,
     "history_max_bytes": parse_size, "memory_limit": parse_size, "allowed_hosts": _parse_host_list,
     "max_client_data": parse_size,
     "client_publish_rate": _parse_float, "replay_rate": parse_size,

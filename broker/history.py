@@ -158,15 +158,12 @@ class EngineStatistics:
 
 
 class Engine(Protocol):
-    """What the hub needs from a stream store. Every method returns without waiting."""
+    """What the hub needs from a stream store to join subscribers. Every method returns without waiting.
 
-    def publish(self, channel: str, event: str, data: Any, *, persist: bool, now: float) -> Stored:
-        """Give the publication the channel's next offset, encode it, keep it if ``persist``.
-
-        Raises:
-            protocol.LocalProtocolError: ``data`` cannot be encoded.
-        """
-        ...
+    On the Redis engine these answer from what this node follows (its mirror of
+    the channel); publishing and reading older history are asynchronous there
+    (:class:`broker.redis.engine.RedisEngine`).
+    """
 
     def since(self, channel: str, *, after: int, epoch: str | None, limit: int, max_bytes: int,
               newest: bool = False) -> Replay:
@@ -202,6 +199,18 @@ class Engine(Protocol):
         ...
 
     def statistics(self) -> EngineStatistics: ...
+
+
+class LocalEngine(Engine, Protocol):
+    """An engine that publishes in this process, synchronously (the memory engine)."""
+
+    def publish(self, channel: str, event: str, data: Any, *, persist: bool, now: float) -> Stored:
+        """Give the publication the channel's next offset, encode it, keep it if ``persist``.
+
+        Raises:
+            protocol.LocalProtocolError: ``data`` cannot be encoded.
+        """
+        ...
 
 
 #: Epochs of never-published streams remembered (each about 150 bytes), the oldest forgotten first.

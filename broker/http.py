@@ -34,12 +34,15 @@ import trio
 from broker import cors
 from broker.ai.sessions import CHANNEL_PREFIX, ChatRejected, parse_chat_request, result_body
 from broker.auth import APP, AuthError, Grants, bearer_credential
+from broker.errors import EmitError, EngineUnavailable
+from broker.history import Replay
 from broker.httpwire import CONTINUE, HttpError, Request, RequestHead, RequestReader, response
+from broker.hub import Publication
 from broker.limits import client_address, limit_key
 from broker.memory import MemoryBudget
 from broker.sockio import receive_some
 from broker.static import STATIC_FILES
-from protocol import LocalProtocolError, channel_problem, data_problem, event_problem, split_ws_frames
+from protocol import channel_problem, data_problem, event_problem, split_ws_frames
 from protocol.limits import MAX_OFFSET
 
 if TYPE_CHECKING:
@@ -198,17 +201,66 @@ def _may_publish(broker: Broker, call: Call, channel: str, event: str, data: Any
                             "(the channel's client_events)")
 
 
-def _emit(broker: Broker, call: Call) -> bytes:
+def _emit_event(broker: Broker, call: Call) -> tuple[str, str, Any, bool | None]:
     channel, event, data, persist = parse_event(broker, parse_body(call.head, call.body), "body")
     _may_publish(broker, call, channel, event, data, persist, "body")
-    try:
-        pub = broker.publish(channel, event, data, persist=persist, validate=False)
-    except LocalProtocolError as exc:
-        raise ApiError(400, str(exc)) from None
+    return channel, event, data, persist
+
+
+def _emitted(pub: Publication) -> bytes:
     return response(200, b'{"ok":true,"offset":%d,"epoch":%s}' % (pub.offset, json_body(pub.epoch)))
 
 
+def _emitted_batch(pubs: list[Publication]) -> bytes:
+    return response(200, json_body({"ok": True, "results": [
+        {"channel": p.channel, "offset": p.offset, "epoch": p.epoch} for p in pubs]}))
+
+
+def _emit(broker: Broker, call: Call) -> bytes:
+    """``POST /api/emit`` on the memory engine: published at once, answered in the same step."""
+    channel, event, data, persist = _emit_event(broker, call)
+    try:
+        pub = broker.publish_here(channel, event, data, persist=persist, validate=False)
+    except EmitError as exc:
+        raise ApiError(400, str(exc)) from None
+    return _emitted(pub)
+
+
 def _emit_batch(broker: Broker, call: Call) -> bytes:
+    """``POST /api/emit/batch`` on the memory engine."""
+    events = _batch_events(broker, call)
+    # Validated in full first, so nothing below can fail half way.
+    return _emitted_batch([broker.publish_here(channel, event, data, persist=persist, validate=False)
+                           for channel, event, data, persist in events])
+
+
+def _unavailable(exc: EngineUnavailable) -> ApiError:
+    return ApiError(503, f"the engine cannot publish now ({exc}); retry later", (("Retry-After", "1"),))
+
+
+async def _emit_remote(broker: Broker, call: Call) -> bytes:
+    """``POST /api/emit`` on the Redis engine: answered once Redis has given the offset."""
+    channel, event, data, persist = _emit_event(broker, call)
+    try:
+        return _emitted(await broker.publish(channel, event, data, persist=persist, validate=False))
+    except EmitError as exc:
+        raise ApiError(400, str(exc)) from None
+    except EngineUnavailable as exc:
+        raise _unavailable(exc) from None
+
+
+async def _emit_batch_remote(broker: Broker, call: Call) -> bytes:
+    """``POST /api/emit/batch`` on the Redis engine: every event in one round trip."""
+    events = _batch_events(broker, call)
+    try:
+        return _emitted_batch(await broker.publish_batch(events))
+    except EmitError as exc:
+        raise ApiError(400, str(exc)) from None
+    except EngineUnavailable as exc:
+        raise _unavailable(exc) from None
+
+
+def _batch_events(broker: Broker, call: Call) -> list[tuple[str, str, Any, bool | None]]:
     payload = parse_body(call.head, call.body)
     if not isinstance(payload, dict) or not isinstance(payload.get("events"), list):
         raise ApiError(400, "body must be an object with a list 'events'")
@@ -219,11 +271,7 @@ def _emit_batch(broker: Broker, call: Call) -> bytes:
     events = [parse_event(broker, item, f"events[{i}]") for i, item in enumerate(items)]
     for index, (channel, event, data, persist) in enumerate(events):
         _may_publish(broker, call, channel, event, data, persist, f"events[{index}]")
-    # Validated in full above, so nothing below can fail half way.
-    pubs = [broker.publish(channel, event, data, persist=persist, validate=False)
-            for channel, event, data, persist in events]
-    return response(200, json_body({"ok": True, "results": [
-        {"channel": p.channel, "offset": p.offset, "epoch": p.epoch} for p in pubs]}))
+    return events
 
 
 #: Most publications one ``GET /api/history`` returns, and the default.
@@ -271,7 +319,7 @@ def _int_param(query: dict[str, str], key: str, default: int, low: int, high: in
     return int(raw)
 
 
-def _history(broker: Broker, call: Call) -> bytes:
+async def _history(broker: Broker, call: Call) -> bytes:
     """``GET /api/history?channel=…&since=…&epoch=…&limit=…``: kept publications as JSON."""
     refuse_when_short_of_memory(broker)
     query = _query(call)
@@ -290,7 +338,11 @@ def _history(broker: Broker, call: Call) -> bytes:
     since = _int_param(query, "since", 0, 0, MAX_OFFSET)
     limit = _int_param(query, "limit", HISTORY_PAGE_DEFAULT, 1, HISTORY_PAGE_MAX)
     epoch = query.get("epoch") or None
-    page = broker.engine.since(channel, after=since, epoch=epoch, limit=limit, max_bytes=_HISTORY_PAGE_BYTES)
+    return _history_page(broker, channel, await broker.read_history(
+        channel, after=since, epoch=epoch, limit=limit, max_bytes=_HISTORY_PAGE_BYTES))
+
+
+def _history_page(broker: Broker, channel: str, page: Replay) -> bytes:
     broker.history_reads.spend(_JSON_COST * sum(len(frame) for frame in page.frames))
     publications = []
     for frame in page.frames:
@@ -316,7 +368,11 @@ ROUTES: dict[str, tuple[str, Handler]] = {
 async def _history_in_turn(broker: Broker, call: Call) -> bytes:
     """``GET /api/history``, built when its turn at ``history_read_rate`` comes (shared with replays)."""
     async with broker.history_reads.turn():
-        return _history(broker, call)
+        try:
+            return await _history(broker, call)
+        except EngineUnavailable as exc:
+            raise ApiError(503, f"history cannot be read now ({exc}); retry later",
+                           (("Retry-After", "1"),)) from None
 
 
 def _limit_ai_rate(broker: Broker, call: Call) -> None:
@@ -409,6 +465,12 @@ async def _demo_token(broker: Broker, call: Call) -> bytes:
 AsyncHandler = Callable[["Broker", Call], Awaitable[bytes]]
 
 #: Routes whose answer may take a while: served with the request deadline lifted.
+#: Routes that are answered at once on the memory engine (:data:`ROUTES`) but wait for Redis on it.
+ENGINE_ROUTES: dict[str, tuple[str, AsyncHandler]] = {
+    "/api/emit": ("POST", _emit_remote),
+    "/api/emit/batch": ("POST", _emit_batch_remote),
+}
+
 ASYNC_ROUTES: dict[str, tuple[str, AsyncHandler]] = {
     "/api/history": ("GET", _history_in_turn),
     "/ai/chat": ("POST", _ai_chat),
@@ -640,11 +702,14 @@ async def _serve(broker: Broker, conn: _Connection, peer: str) -> Upgrade | None
                 return Upgrade(head, conn.reader.buffered, client)
             try:
                 call = Call(head=head, body=request.body, client=client, grants=_grants(broker, head))
-                if head.path in ASYNC_ROUTES and _accepts(ASYNC_ROUTES[head.path][0], head.method):
+                waits = ENGINE_ROUTES if broker.redis is not None else {}
+                if head.path not in waits:
+                    waits = ASYNC_ROUTES
+                if head.path in waits and _accepts(waits[head.path][0], head.method):
                     await conn.flush()  # earlier pipelined answers first
                     deadline.deadline = math.inf  # the handler bounds itself (e.g. ai_time_limit)
                     try:
-                        reply = await ASYNC_ROUTES[head.path][1](broker, call)
+                        reply = await waits[head.path][1](broker, call)
                     finally:
                         deadline.deadline = trio.current_time() + timeout
                     if head.method == "HEAD":

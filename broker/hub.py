@@ -40,11 +40,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import trio
 
-from broker.history import Engine
+from broker.history import Engine, LocalEngine
 from broker.outbox import Outbox
 from protocol import Position
 
@@ -223,24 +223,40 @@ class Hub:
     def publish(self, name: str, event: str, data: Any, *, persist: bool) -> Publication:
         """Publish ``event`` with ``data`` on channel ``name``; return its position.
 
-        The caller has validated the names. Never waits.
+        The caller has validated the names. Never waits. The engine must be a
+        :class:`LocalEngine` (on Redis, publications arrive through :meth:`deliver`).
 
         Raises:
             protocol.LocalProtocolError: ``data`` cannot be encoded as msgpack.
         """
-        stored = self.engine.publish(name, event, data, persist=persist, now=trio.current_time())
+        # Only a local engine publishes here; the Redis engine's publications come through deliver().
+        stored = cast("LocalEngine", self.engine).publish(name, event, data, persist=persist,
+                                                          now=trio.current_time())
         self._publications += 1
         channel = self._channels.get(name)
         if channel is not None:
-            channel.append(stored.frame)
-            if not self._batching or channel.log_bytes >= MAX_PENDING_BYTES:
-                # Unbatched, or a publisher that never yields: send now, so the log stays bounded.
-                channel.send_all()
-            elif channel not in self._dirty:
-                self._dirty[channel] = None
-                if len(self._dirty) == 1:
-                    self._lot.unpark_all()
+            self._append(channel, stored.frame)
         return Publication(channel=name, offset=stored.offset, epoch=stored.epoch)
+
+    def deliver(self, name: str, frame: bytes) -> None:
+        """Fan out a publication some engine made elsewhere (Redis: any node), in the order given.
+
+        Never waits. The frame is the complete WebSocket frame, offset included.
+        """
+        self._publications += 1
+        channel = self._channels.get(name)
+        if channel is not None:
+            self._append(channel, frame)
+
+    def _append(self, channel: Channel, frame: bytes) -> None:
+        channel.append(frame)
+        if not self._batching or channel.log_bytes >= MAX_PENDING_BYTES:
+            # Unbatched, or a publisher that never yields: send now, so the log stays bounded.
+            channel.send_all()
+        elif channel not in self._dirty:
+            self._dirty[channel] = None
+            if len(self._dirty) == 1:
+                self._lot.unpark_all()
 
     def subscribe(self, name: str, outbox: Outbox, *, since: Position | None = None,
                   max_replay_bytes: int = 1 << 20,

@@ -40,13 +40,15 @@ from broker.auth import Authenticator
 from broker.backlog import Backlog, BacklogStatistics
 from broker.config import ChannelOptions, Config, ConfigError
 from broker.deadlines import Deadlines
-from broker.history import EngineStatistics, MemoryEngine
+from broker.errors import EmitError, EngineUnavailable
+from broker.history import Engine, EngineStatistics, MemoryEngine, Replay
 from broker.hosts import HostPolicy
 from broker.http import Upgrade, error_response, serve_http
 from broker.hub import Hub, HubStatistics, Publication
 from broker.limits import AddressCount, KeyedRate, parse_networks
 from broker.memory import MemoryBudget, default_memory_limit
 from broker.pacing import SharedRate
+from broker.redis.engine import RedisEngine
 from broker.ws import WsConnection
 
 log = logging.getLogger("tokenfan")
@@ -64,10 +66,6 @@ HISTORY_SWEEP_INTERVAL = 1.0
 HISTORY_SWEEP_BATCH = 500
 #: Channel names whose options are remembered (the cache is emptied when it fills).
 _OPTIONS_CACHE_SIZE = 10_000
-
-
-class EmitError(ValueError):
-    """An in-process emit was given an invalid channel, event or data; the message says which."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -90,8 +88,17 @@ class Broker:
     def __init__(self, config: Config | None = None) -> None:
         self.config = config or Config()
         self._options: dict[str, ChannelOptions] = {}
-        self.engine = MemoryEngine(self.channel_options, max_bytes=self.config.history_max_bytes)
+        #: The Redis engine, when ``engine`` names one (None: the memory engine, this process only).
+        self.redis: RedisEngine | None = None
+        self.engine: Engine
+        if self.config.redis_url is None:
+            self.engine = MemoryEngine(self.channel_options, max_bytes=self.config.history_max_bytes)
+        else:
+            self.engine = self.redis = RedisEngine(self.config.redis_url, self.channel_options,
+                                                   prefix=self.config.redis_prefix)
         self.hub = Hub(self.engine, batching=self.config.batching)
+        if self.redis is not None:
+            self.redis.deliver = self.hub.deliver
         self.backlog = Backlog(self.channel_options)
         self.ai = AiService(self)
         self.connections: set[WsConnection] = set()
@@ -130,25 +137,103 @@ class Broker:
 
     # -- emitting ------------------------------------------------------------------
 
-    def emit(self, channel: str, event: str, data: Any = None, *, persist: bool | None = None) -> int:
-        """Publish ``event`` with ``data`` on ``channel`` to every subscriber; return its offset.
+    async def emit(self, channel: str, event: str, data: Any = None, *,
+                   persist: bool | None = None) -> Publication:
+        """Publish ``event`` with ``data`` on ``channel`` to every subscriber; return where it landed.
 
-        Synchronous and non-blocking: fan-out happens in the broker's flusher
-        (or right here with ``batching = false``). ``persist`` overrides whether
-        the channel keeps this publication in its history (the default: if
-        its ``history_size`` is above 0).
+        The same on both engines: on the memory engine it returns at once (fan-out
+        happens in the broker's flusher, or right here with ``batching = false``); on
+        Redis once Redis has given the publication its offset. Emits of this broker
+        (this method's and :meth:`emit_nowait`'s) are published in the order they are
+        made. ``persist`` overrides whether the channel keeps this publication in its
+        history (the default: if its ``history_size`` is above 0).
 
         Raises:
             EmitError: the channel or event name is invalid, ``data`` is not
                 made of msgpack-encodable values (nil, bool, int, float, str,
                 bytes, lists, and dicts with str keys), or ``persist=True`` on
                 a channel that keeps no history.
+            EngineUnavailable: the Redis engine cannot reach Redis (the emit may or
+                may not have been published).
         """
-        return self.publish(channel, event, data, persist=persist).offset
+        return await self.publish(channel, event, data, persist=persist)
 
-    def publish(self, channel: str, event: str, data: Any = None, *, persist: bool | None = None,
-                validate: bool = True) -> Publication:
-        """Like :meth:`emit`, returning the offset and the epoch it belongs to."""
+    def emit_nowait(self, channel: str, event: str, data: Any = None, *, persist: bool | None = None) -> None:
+        """Like :meth:`emit`, without waiting for the offset (for tokens, say): never waits.
+
+        Raises:
+            EmitError: as :meth:`emit`.
+            EngineUnavailable: on Redis, too much is waiting to be sent already.
+        """
+        data, persist, is_cancel = self._prepare(channel, event, data, persist, validate=True)
+        redis = self.redis
+        try:
+            if redis is None:
+                self.hub.publish(channel, event, data, persist=persist)
+            else:
+                redis.publish_nowait(channel, event, data, persist=persist)
+        except p.LocalProtocolError as exc:
+            raise EmitError(f"data cannot be encoded as msgpack: {exc.__cause__ or exc}") from None
+        if is_cancel:
+            self.ai.cancel(channel[len(CHANNEL_PREFIX):])
+
+    def publish_here(self, channel: str, event: str, data: Any = None, *, persist: bool | None = None,
+                     validate: bool = True) -> Publication:
+        """Publish at once, in this process: the memory engine only (the HTTP API's fast path).
+
+        Raises:
+            EmitError: as :meth:`emit`.
+            RuntimeError: the engine is Redis (use :meth:`publish`).
+        """
+        if self.redis is not None:
+            raise RuntimeError("publish_here is for the memory engine; await publish() on Redis")
+        data, persist, is_cancel = self._prepare(channel, event, data, persist, validate=validate)
+        try:
+            publication = self.hub.publish(channel, event, data, persist=persist)
+        except p.LocalProtocolError as exc:
+            raise EmitError(f"data cannot be encoded as msgpack: {exc.__cause__ or exc}") from None
+        if is_cancel:
+            self.ai.cancel(channel[len(CHANNEL_PREFIX):])
+        return publication
+
+    async def publish(self, channel: str, event: str, data: Any = None, *, persist: bool | None = None,
+                      validate: bool = True) -> Publication:
+        """Like :meth:`emit`; ``validate=False`` when the caller has checked the names and data."""
+        redis = self.redis
+        if redis is None:
+            return self.publish_here(channel, event, data, persist=persist, validate=validate)
+        data, persist, is_cancel = self._prepare(channel, event, data, persist, validate=validate)
+        try:
+            stored = await redis.publish(channel, event, data, persist=persist)
+        except p.LocalProtocolError as exc:  # a value msgpack refuses, such as an int past 64 bits
+            raise EmitError(f"data cannot be encoded as msgpack: {exc.__cause__ or exc}") from None
+        publication = Publication(channel=channel, offset=stored.offset, epoch=stored.epoch)
+        if is_cancel:
+            # Any watcher (or the app) may stop the answer streaming on an AI chat channel.
+            self.ai.cancel(channel[len(CHANNEL_PREFIX):])
+        return publication
+
+    async def publish_batch(self, events: list[tuple[str, str, Any, bool | None]]) -> list[Publication]:
+        """Publish validated ``(channel, event, data, persist)`` in order, all queued at once."""
+        prepared = [(channel, event, *self._prepare(channel, event, data, persist, validate=False))
+                    for channel, event, data, persist in events]
+        redis = self.redis
+        if redis is None:
+            publications = [self.hub.publish(channel, event, data, persist=persist)
+                            for channel, event, data, persist, _cancel in prepared]
+        else:
+            stored = await redis.publish_many([(channel, event, data, persist)
+                                               for channel, event, data, persist, _cancel in prepared])
+            publications = [Publication(channel=channel, offset=item.offset, epoch=item.epoch)
+                            for (channel, *_rest), item in zip(prepared, stored, strict=True)]
+        for channel, _event, _data, _persist, is_cancel in prepared:
+            if is_cancel:
+                self.ai.cancel(channel[len(CHANNEL_PREFIX):])
+        return publications
+
+    def _prepare(self, channel: str, event: str, data: Any, persist: bool | None, *,
+                 validate: bool) -> tuple[Any, bool, bool]:
+        """Check an emit; return its data and persist as published, and whether it is an ``ai:cancel``."""
         if validate:
             problem = (p.channel_problem(channel) or p.event_problem(event)
                        or p.data_problem(data, self._data_limits, field="data")
@@ -161,14 +246,38 @@ class Broker:
             data, persist = {}, False
         if persist is None:
             persist = self.channel_options(channel).persist
-        try:
-            publication = self.hub.publish(channel, event, data, persist=persist)
-        except p.LocalProtocolError as exc:  # a value msgpack refuses, such as an int past 64 bits
-            raise EmitError(f"data cannot be encoded as msgpack: {exc.__cause__ or exc}") from None
-        if is_cancel:
-            # Any watcher (or the app) may stop the answer streaming on an AI chat channel.
-            self.ai.cancel(channel[len(CHANNEL_PREFIX):])
-        return publication
+        return data, persist, is_cancel
+
+    # -- history, on either engine --------------------------------------------------
+
+    async def read_history(self, channel: str, *, after: int, epoch: str | None, limit: int,
+                           max_bytes: int, newest: bool = False) -> Replay:
+        """Kept publications of ``channel`` after ``after`` (see :meth:`Engine.since`), from
+        this process's memory or from Redis.
+
+        Raises:
+            EngineUnavailable: the Redis engine cannot reach Redis.
+        """
+        if self.redis is not None:
+            return await self.redis.read(channel, after=after, epoch=epoch, limit=limit,
+                                         max_bytes=max_bytes, newest=newest)
+        return self.engine.since(channel, after=after, epoch=epoch, limit=limit, max_bytes=max_bytes,
+                                 newest=newest)
+
+    async def follow(self, channel: str) -> None:
+        """Make sure this node receives every publication on ``channel`` until :meth:`unfollow`
+        (a no-op on the memory engine). Call it before reading history for a subscriber.
+
+        Raises:
+            EngineUnavailable: the Redis engine cannot reach Redis.
+        """
+        if self.redis is not None:
+            await self.redis.lease(channel)
+
+    def unfollow(self, channel: str) -> None:
+        """Undo one :meth:`follow`."""
+        if self.redis is not None:
+            self.redis.unlease(channel)
 
     def persist_problem(self, channel: str, persist: object) -> str | None:
         """What is wrong with an emit's ``persist`` value for ``channel``, or None."""
@@ -202,7 +311,23 @@ class Broker:
         problem = config.insecure_bind_problem()
         if problem is not None:
             raise ConfigError(problem)
-        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+        unreachable: EngineUnavailable | None = None
+        async with trio.open_nursery() as outer:  # the engine's connections outlive every connection
+            if self.redis is not None:
+                try:
+                    await outer.start(self.redis.run)
+                except EngineUnavailable as exc:
+                    unreachable = exc
+            if unreachable is None:
+                await self._serve(listeners=await trio.open_tcp_listeners(config.port, host=config.host),
+                                  task_status=task_status)
+            outer.cancel_scope.cancel()
+        if unreachable is not None:  # raised out here: not wrapped in the nursery's exception group
+            raise ConfigError(f"engine: {unreachable}")
+
+    async def _serve(self, *, listeners: list[trio.SocketListener],
+                     task_status: trio.TaskStatus[Broker]) -> None:
+        config = self.config
         self.port = listeners[0].socket.getsockname()[1]
         try:
             async with trio.open_nursery() as nursery:

@@ -38,6 +38,7 @@ from wsproto.utilities import generate_accept_token
 
 import protocol as p
 from broker.auth import APP, AuthError, Grants
+from broker.errors import EngineUnavailable
 from broker.http import error_response
 from broker.hub import MAX_REPLAY
 from broker.limits import limit_key
@@ -73,10 +74,11 @@ class _ReplayPages:
     (when one is given) until :meth:`release`.
     """
 
-    __slots__ = ("memory", "pieces", "read", "size")
+    __slots__ = ("compact", "memory", "pieces", "read", "size")
 
     def __init__(self, memory: MemoryBudget | None = None) -> None:
         self.memory = memory
+        self.compact = True  # every page was coalesced
         self.pieces: deque[tuple[int, bytes]] = deque()
         self.size = 0  # bytes of the coalesced pages
         self.read = 0  # bytes of history read for them
@@ -91,8 +93,9 @@ class _ReplayPages:
     def start(self) -> int:
         return self.pieces[0][0]
 
-    def add(self, after: int, data: bytes) -> None:
+    def add(self, after: int, data: bytes, *, compact: bool = True) -> None:
         self.pieces.append((after, data))
+        self.compact = self.compact and compact
         self._resize(len(data))
 
     def drop_oldest(self, room: int) -> bool:
@@ -498,6 +501,8 @@ class WsConnection:
                 continue
             if isinstance(item, p.Sub):
                 await self._subscribe(item)
+            elif isinstance(item, p.Pub):
+                await self._publish(item)
             else:
                 self._handle(item)
             if self.outbox.state is not OutboxState.OPEN:
@@ -570,14 +575,6 @@ class WsConnection:
             self.subscriptions.discard(frame.ch)
             broker.hub.unsubscribe(frame.ch, self.outbox)
             self.reply(p.Ok(id=frame.id))
-        elif isinstance(frame, p.Pub):
-            problem = self._pub_problem(frame)
-            if problem is not None:
-                code, msg = problem
-                self.reply_urgent(p.Err(id=frame.id, code=code, msg=msg))
-                return
-            pub = broker.publish(frame.ch, frame.ev, frame.d)
-            self.reply_urgent(p.Ok(id=frame.id, o=pub.offset, ep=pub.epoch))
         elif isinstance(frame, p.Ping):
             self.reply_urgent(p.Ok(id=frame.id))
         elif isinstance(frame, p.Hello):
@@ -609,6 +606,21 @@ class WsConnection:
                                        exp=int(grants.exp)))
         else:  # pragma: no cover
             raise AssertionError(f"unhandled client frame {frame!r}")
+
+    async def _publish(self, frame: p.Pub) -> None:
+        """A client's ``pub``: checked, published, answered (on Redis, once Redis has its offset)."""
+        problem = self._pub_problem(frame)
+        if problem is not None:
+            code, msg = problem
+            self.reply_urgent(p.Err(id=frame.id, code=code, msg=msg))
+            return
+        try:
+            pub = await self.broker.publish(frame.ch, frame.ev, frame.d)
+        except EngineUnavailable as exc:
+            self.reply_urgent(p.Err(id=frame.id, code=p.Code.OVERLOADED,
+                                    msg=f"the engine cannot publish now ({exc}); retry later"))
+            return
+        self.reply_urgent(p.Ok(id=frame.id, o=pub.offset, ep=pub.epoch))
 
     def _pub_problem(self, frame: p.Pub) -> tuple[p.Code, str] | None:
         """Why a client's ``pub`` may not be published (channel rule, size, rate), or None.
@@ -663,14 +675,27 @@ class WsConnection:
                                         "retry later"))
             return
         room = self.broker.config.outbox_limit // 2  # a replay that fills more would end in a reconnect
-        since, earlier, complete = frame.since, _ReplayPages(), True
-        if since is not None:
-            since, earlier, complete = await self._read_replay(frame.ch, since)
+        broker = self.broker
         try:
-            if self.outbox.state is OutboxState.OPEN:
-                self._join(frame, since, earlier, complete, room)
+            await broker.follow(frame.ch)  # on Redis: from here on, every publication reaches this node
+        except EngineUnavailable as exc:
+            self.reply_urgent(p.Err(id=frame.id, code=p.Code.OVERLOADED,
+                                    msg=f"cannot subscribe now ({exc}); retry later"))
+            return
+        try:
+            since, earlier, complete = frame.since, _ReplayPages(), True
+            if since is not None:
+                since, earlier, complete = await self._read_replay(frame.ch, since)
+            try:
+                if self.outbox.state is OutboxState.OPEN:
+                    self._join(frame, since, earlier, complete, room)
+            finally:
+                earlier.release()
+        except EngineUnavailable as exc:
+            self.reply_urgent(p.Err(id=frame.id, code=p.Code.OVERLOADED,
+                                    msg=f"cannot read history now ({exc}); retry later"))
         finally:
-            earlier.release()
+            broker.unfollow(frame.ch)  # joined, the hub holds the channel now
 
     def _join(self, frame: p.Sub, since: p.Position | None, earlier: _ReplayPages, complete: bool,
               room: int) -> None:
@@ -703,7 +728,7 @@ class WsConnection:
         ok = p.ws_frame(p.encode(p.Ok(id=frame.id, ch=frame.ch, o=after, ep=joined.epoch,
                                       recovered=recovered)))
         # Pages were coalesced as they were read: a shrink need not decode them again.
-        self.outbox.offer(ok + replay if replay else ok, compact=compact[0])
+        self.outbox.offer(ok + replay if replay else ok, compact=compact[0] and earlier.compact)
 
     async def _read_replay(self, channel: str,
                            since: p.Position) -> tuple[p.Position | None, _ReplayPages, bool]:
@@ -714,11 +739,16 @@ class WsConnection:
         every replay and history answer, first come first served); each step spends what it
         read from both: past its own rate this connection waits, and nobody else does. Each
         page but the last is coalesced and kept; the last is read again, in the same
-        synchronous step, when the subscriber joins the live stream.
+        synchronous step, when the subscriber joins the live stream. (On Redis the last page
+        is kept too, and joining adds what this node received after it: see
+        :meth:`broker.server.Broker.follow`.)
         Returns the position to join from (the epoch pinned; None when an exact recovery cannot
         fit, so it joins without a replay), the pages read, and whether nothing was skipped.
         """
-        engine, backlog = self.broker.engine, self.broker.backlog
+        broker, backlog = self.broker, self.broker.backlog
+        # On the memory engine the last page is read again as the subscriber joins; on Redis it is
+        # read here like the others, and joining adds what this node received after it.
+        remote = broker.redis is not None
         room = self.broker.config.outbox_limit // 2
         read_limit = REPLAY_READ_FACTOR * self.broker.config.outbox_limit
         pages = _ReplayPages(self.broker.memory)
@@ -729,13 +759,19 @@ class WsConnection:
                 async with self.broker.history_reads.turn():  # all clients' replays, in turns
                     if self.outbox.state is not OutboxState.OPEN:
                         break
-                    page = engine.since(channel, after=after, epoch=epoch, limit=MAX_REPLAY,
-                                        max_bytes=REPLAY_PAGE_BYTES)
-                    if not page.more or (since.ep is not None and not page.recovered):
+                    page = await broker.read_history(channel, after=after, epoch=epoch, limit=MAX_REPLAY,
+                                                     max_bytes=REPLAY_PAGE_BYTES)
+                    refused = since.ep is not None and not page.recovered
+                    last_page = not page.more
+                    if refused or (last_page and not remote):
                         break  # the rest (or the refusal) comes with joining the stream: no await before
                     read = sum(len(frame) for frame in page.frames)
                     self._spend_replay(read)
-                    pages.add(page.after, b"".join(backlog.shrink(list(page.frames), drop=False)))
+                    if last_page and not pages.pieces and read <= room // 2:
+                        # A replay of one page is coalesced only when large, as on the memory engine.
+                        pages.add(page.after, b"".join(page.frames), compact=read < COMPACT_BELOW)
+                    else:
+                        pages.add(page.after, b"".join(backlog.shrink(list(page.frames), drop=False)))
                 epoch = epoch or page.epoch  # a catch-up goes on in the epoch it started in
                 complete = complete and page.recovered
                 pages.read += read
@@ -748,6 +784,8 @@ class WsConnection:
                         return None, _ReplayPages(), False
                     dropped = pages.drop_oldest(room)  # a catch-up keeps the newest pages that fit
                     complete = complete and not dropped
+                if last_page:
+                    break
         except BaseException:  # cancelled, say: the pages go, and so does their charge
             pages.release()
             raise

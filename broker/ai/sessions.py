@@ -37,6 +37,7 @@ import trio
 from broker.ai.demo import DemoProvider
 from broker.ai.openai import OpenAIProvider
 from broker.ai.providers import ChatMessage, Provider, ProviderError
+from broker.errors import EngineUnavailable
 from broker.groups import first_leaf
 from protocol import channel_problem
 
@@ -245,10 +246,10 @@ class AiService:
         error: ProviderError | None = None
         reason = "stop"
         try:
-            broker.emit(channel, "ai:start", {"model": model, "prompt": request.message})
             messages = [*session.turns, ChatMessage(role="user", content=request.message)]
             with generation.scope:
                 try:
+                    self._emit(channel, "ai:start", {"model": model, "prompt": request.message})
                     stream = provider.stream(messages, model=model, max_tokens=config.ai_max_tokens)
                     if config.ai_rollup > 0:
                         await self._stream_rolled_up(stream, channel, pieces, config.ai_rollup)
@@ -271,10 +272,12 @@ class AiService:
                 else:
                     error = ProviderError("timeout", f"the answer took longer than {config.ai_time_limit:g}s "
                                                      "(ai_time_limit)", status=504)
-            if error is not None:
-                broker.emit(channel, "ai:error", {"code": error.code, "message": error.message})
-            else:
-                broker.emit(channel, "ai:done", {"reason": reason, "tokens": len(pieces)})
+            with contextlib.suppress(ProviderError):  # the engine is away: nobody can be told
+                if error is not None:
+                    self._emit(channel, "ai:error", {"code": error.code, "message": error.message})
+                else:
+                    self._emit(channel, "ai:done", {"reason": reason, "tokens": len(pieces)})
+            if error is None:
                 self._remember(session, request.message, "".join(pieces))
         finally:
             self._running -= 1
@@ -324,7 +327,19 @@ class AiService:
         data: dict[str, Any] = {"token": token}
         if self._broker.config.ai_timestamps:
             data["ts"] = time.monotonic()  # CLOCK_MONOTONIC, as the bench's swarm reads it
-        self._broker.emit(channel, "ai:token", data)
+        self._emit(channel, "ai:token", data)
+
+    def _emit(self, channel: str, event: str, data: dict[str, Any]) -> None:
+        """Publish an answer's event without waiting, in order with its others (on either engine).
+
+        Raises:
+            ProviderError: the engine cannot take it (Redis away, too much waiting): the answer ends.
+        """
+        try:
+            self._broker.emit_nowait(channel, event, data)
+        except EngineUnavailable as exc:
+            raise ProviderError("engine_unavailable", f"the broker cannot publish the answer: {exc}",
+                                status=503) from None
 
     def _remember(self, session: _Session, question: str, answer: str) -> None:
         """Keep a turn of the conversation (the oldest go past the caps), charged to ``memory_limit``."""

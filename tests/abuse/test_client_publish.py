@@ -22,7 +22,7 @@ async def _history(broker: Broker, channel: str) -> list[dict[str, object]]:
 async def test_a_client_cannot_fill_everyones_history(start_broker: StartBroker) -> None:
     """Once, 60 KB ai:cancel publications filled the 256 MiB history cap in 5 s and evicted every channel."""
     broker = await start_broker(client_publish_rate=20, client_input_rate=16 * 1024 * 1024)
-    broker.emit("ai-chat/other", "ai:token", {"token": "kept"})
+    broker.emit_nowait("ai-chat/other", "ai:token", {"token": "kept"})
     async with connect(f"ws://127.0.0.1:{broker.port}/ws", reconnect=False) as client:
         with pytest.raises(CommandError) as too_big:
             await client.publish("ai-chat/x", "ai:cancel", {"junk": "x" * 60_000})

@@ -56,12 +56,12 @@ async def test_non_finite_numbers_are_refused_on_every_way_in(start_broker: Star
         status, reply = await _ask(broker, emit)
         assert status == 400 and reply is not None and "NaN and infinities" in str(reply["error"]), reply
         with pytest.raises(ValueError, match="NaN and infinities"):
-            broker.emit("ai-chat/n", "ai:token", {"v": number})
+            broker.emit_nowait("ai-chat/n", "ai:token", {"v": number})
     async with connect(f"ws://127.0.0.1:{broker.port}/ws", reconnect=False) as client:
         with pytest.raises(CommandError) as refused:
             await client.publish("ai-chat/n", "ai:cancel", {"v": math.nan})
         assert refused.value.code == p.Code.INVALID_FIELD
-    broker.emit("ai-chat/n", "ai:token", {"v": 1.5})
+    broker.emit_nowait("ai-chat/n", "ai:token", {"v": 1.5})
     status, body = await trio.to_thread.run_sync(
         http_json, f"http://127.0.0.1:{broker.port}/api/history?channel=ai-chat/n")
     assert status == 200 and [pub["data"] for pub in body["publications"]] == [{"v": 1.5}]

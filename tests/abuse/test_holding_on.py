@@ -27,7 +27,7 @@ async def test_a_reader_that_never_reads_is_cut_whatever_it_sends(
     client = await open_raw(broker, rcvbuf=4096)
     await client.command(p.Sub(id=1, ch="news"))
     for _ in range(1500):  # about 6 MB: more than the sockets hold, less than outbox_limit
-        broker.emit("news", "x", {"pad": "y" * 4000})
+        broker.emit_nowait("news", "x", {"pad": "y" * 4000})
         await trio.lowlevel.checkpoint()
 
     async def chatter() -> None:

@@ -26,9 +26,9 @@ async def test_the_largest_send_buffers_are_cut_and_everyone_else_streams(
     async with connect(f"ws://127.0.0.1:{broker.port}/ws", reconnect=False) as client:
         sub = await client.subscribe("news")
         for index in range(1200):  # about 2.4 MB to each subscriber of news, 1.2 MB to each big/*
-            broker.emit("news", "x", {"n": index, "pad": "y" * 2000})
+            broker.emit_nowait("news", "x", {"n": index, "pad": "y" * 2000})
             if index % 2:
-                broker.emit(f"big/{index % 3}", "x", {"pad": "z" * 1000})
+                broker.emit_nowait(f"big/{index % 3}", "x", {"pad": "z" * 1000})
             if index % 20 == 0:
                 await trio.sleep(0.001)
         with trio.fail_after(20):
@@ -58,7 +58,7 @@ async def _read_briefly(client: RawClient) -> None:
 async def test_large_requests_are_refused_while_over_the_limit(
         start_broker: StartBroker, open_raw: OpenRaw) -> None:
     broker = await start_broker(memory_limit=1 * MiB, handshake_timeout=30)
-    broker.emit("ai-chat/h", "ai:token", {"token": "kept"})
+    broker.emit_nowait("ai-chat/h", "ai:token", {"token": "kept"})
     holders = [await open_raw(broker) for _ in range(24)]
     for holder in holders:  # 24 unfinished 60 KB messages: about 1.4 MB held
         await holder.send(wse.BytesMessage(data=b"\x00" * 60_000, message_finished=False))

@@ -83,14 +83,14 @@ async def test_a_replay_of_many_pages_racing_publications_arrives_exactly_once(
     broker = await start_broker(outbox_limit=4 * 1024 * 1024)
     tokens = [f"<{index}:" + "t" * 300 + ">" for index in range(6000)]
     for token in tokens[:3000]:  # about 1 MB: four pages of history
-        broker.emit("ai-chat/pages", "ai:token", {"token": token})
+        broker.emit_nowait("ai-chat/pages", "ai:token", {"token": token})
     epoch, _ = broker.engine.position("ai-chat/pages")
 
     async def publish_the_rest() -> None:
         for token in tokens[3000:]:
-            broker.emit("ai-chat/pages", "ai:token", {"token": token})
+            broker.emit_nowait("ai-chat/pages", "ai:token", {"token": token})
             await trio.lowlevel.checkpoint()
-        broker.emit("ai-chat/pages", "ai:done", {})
+        broker.emit_nowait("ai-chat/pages", "ai:done", {})
 
     text: list[str] = []
     async with trio.open_nursery() as nursery, \
@@ -110,12 +110,12 @@ async def test_an_exact_recovery_that_cannot_fit_says_so_and_replays_nothing(
         start_broker: StartBroker) -> None:
     broker = await start_broker()  # room for a replay: half of 1 MiB
     for index in range(1500):  # 1.5 MB of events that cannot be coalesced
-        broker.emit("ai-chat/wide", "x", {"n": index, "pad": "p" * 1000})
+        broker.emit_nowait("ai-chat/wide", "x", {"n": index, "pad": "p" * 1000})
     epoch, top = broker.engine.position("ai-chat/wide")
     async with connect(f"ws://127.0.0.1:{broker.port}/ws", reconnect=False) as client:
         sub = await client.subscribe("ai-chat/wide", since=p.Position(o=0, ep=epoch))
         assert not sub.recovered and sub.offset == top
-        broker.emit("ai-chat/wide", "x", {"n": "live"})
+        broker.emit_nowait("ai-chat/wide", "x", {"n": "live"})
         with trio.fail_after(5):
             event = await sub.__anext__()
         assert event.data == {"n": "live"}  # nothing from history came before it
@@ -123,8 +123,8 @@ async def test_an_exact_recovery_that_cannot_fit_says_so_and_replays_nothing(
 
 async def test_a_publication_larger_than_a_page_is_replayed(start_broker: StartBroker) -> None:
     broker = await start_broker(outbox_limit=4 * 1024 * 1024)
-    broker.emit("ai-chat/huge", "x", {"pad": "h" * 300_000})  # more than a replay page alone
-    broker.emit("ai-chat/huge", "x", {"pad": "after"})
+    broker.emit_nowait("ai-chat/huge", "x", {"pad": "h" * 300_000})  # more than a replay page alone
+    broker.emit_nowait("ai-chat/huge", "x", {"pad": "after"})
     epoch, _ = broker.engine.position("ai-chat/huge")
     async with connect(f"ws://127.0.0.1:{broker.port}/ws", reconnect=False) as client:
         with trio.fail_after(5):
@@ -137,7 +137,7 @@ async def test_a_publication_larger_than_a_page_is_replayed(start_broker: StartB
 async def test_every_replay_is_charged_even_one_page_long(start_broker: StartBroker) -> None:
     broker = await start_broker(replay_rate=256 * 1024, outbox_limit=64 * 1024)  # bursts of 1 MiB
     for index in range(100):
-        broker.emit("ai-chat/small", "x", {"n": index, "pad": "s" * 1000})  # 100 KB: one page
+        broker.emit_nowait("ai-chat/small", "x", {"n": index, "pad": "s" * 1000})  # 100 KB: one page
     async with connect(f"ws://127.0.0.1:{broker.port}/ws", reconnect=False) as client:
         started = trio.current_time()
         for _ in range(20):  # 2 MB of replays: the burst, then 256 KiB a second
@@ -150,7 +150,7 @@ async def test_every_replay_is_charged_even_one_page_long(start_broker: StartBro
 async def test_a_catch_up_that_skipped_publications_says_so(start_broker: StartBroker) -> None:
     broker = await start_broker(outbox_limit=64 * 1024)  # room for a replay: 32 KiB
     for index in range(250):
-        broker.emit("ai-chat/skip", "x", {"n": index, "pad": "k" * 2000})  # 500 KB
+        broker.emit_nowait("ai-chat/skip", "x", {"n": index, "pad": "k" * 2000})  # 500 KB
     async with connect(f"ws://127.0.0.1:{broker.port}/ws", reconnect=False) as client:
         sub = await client.subscribe("ai-chat/skip", since=p.Position(o=0))
         assert not sub.recovered  # the newest that fit, and it says it is not everything
@@ -160,7 +160,7 @@ async def test_replays_and_history_answers_share_the_brokers_read_rate(start_bro
     """Per-connection rates do not bound many connections together: history_read_rate does."""
     broker = await start_broker(history_read_rate=1024 * 1024)  # bursts of a second's worth
     for index in range(100):
-        broker.emit("ai-chat/shared", "x", {"n": index, "pad": "r" * 10_000})  # 1 MB of history
+        broker.emit_nowait("ai-chat/shared", "x", {"n": index, "pad": "r" * 10_000})  # 1 MB of history
     url = f"http://127.0.0.1:{broker.port}/api/history?channel=ai-chat/shared&limit=10000"
     recovered: list[bool] = []
 

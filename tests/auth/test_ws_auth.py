@@ -34,7 +34,7 @@ async def test_a_valid_token_in_hello_grants_its_channels(
     assert abs(ok.exp - (time.time() + 600)) < 5
     sub = await reply(client, p.Sub(id=2, ch="ai-chat/x"))
     assert isinstance(sub, p.Ok) and sub.ch == "ai-chat/x"
-    broker.emit("ai-chat/x", "ai:token", {"token": "hi"})
+    broker.emit_nowait("ai-chat/x", "ai:token", {"token": "hi"})
     with trio.fail_after(5):
         while not any(isinstance(f, p.Ev) for f in client.frames):
             await client.receive()

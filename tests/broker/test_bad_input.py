@@ -41,7 +41,7 @@ async def expect_bye(ws: trio_websocket.WebSocketConnection, code: p.Code) -> p.
 async def still_serving(broker: Broker) -> None:
     async with connect(ws_url(broker)) as client:
         sub = await client.subscribe("health-check")
-        broker.emit("health-check", "e", "fine")
+        broker.emit_nowait("health-check", "e", "fine")
         with trio.fail_after(5):
             assert (await sub.__anext__()).data == "fine"
 
@@ -218,7 +218,7 @@ async def test_bad_event_in_a_batch_emits_nothing(broker: Broker) -> None:
             {"channel": "c", "event": "ok"}, {"channel": "c", "event": "bad event"}]}).encode()))
         assert status == 400
         assert reply["error"].startswith("events[1]: event name")
-        broker.emit("c", "after", None)
+        broker.emit_nowait("c", "after", None)
         with trio.fail_after(5):
             event = await sub.__anext__()
         assert (event.event, event.offset) == ("after", 1)

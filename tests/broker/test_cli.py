@@ -338,8 +338,8 @@ async def test_tail_waits_for_the_broker_then_streams(nursery: trio.Nursery) -> 
             placeholder.close()
             broker: Broker = await nursery.start(Broker(Config(port=port)).serve)
             await read_until(tail.stderr, error, b"subscribed to ai-chat/late")
-            broker.emit("ai-chat/late", "ai:token", {"token": "made it"})
-            broker.emit("ai-chat/late", "ai:done", {})
+            broker.emit_nowait("ai-chat/late", "ai:token", {"token": "made it"})
+            broker.emit_nowait("ai-chat/late", "ai:done", {})
             assert (await read_until(tail.stdout, bytearray(), b"[ai:done] {}\n")).decode() == (
                 "made it\n[ai:done] {}\n")
             tail.send_signal(signal.SIGINT)
@@ -397,7 +397,7 @@ async def test_emit_error_names_data_as_the_caller_wrote_it(broker: Broker) -> N
                           (deep, "data is nested deeper than 32 levels"),
                           (2**70, "data holds an integer outside msgpack's range (-2**63 to 2**64-1)")]:
         with pytest.raises(EmitError) as raised:
-            broker.emit("ai-chat/x", "ev", data)
+            broker.emit_nowait("ai-chat/x", "ev", data)
         assert str(raised.value) == message
 
 

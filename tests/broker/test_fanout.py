@@ -37,7 +37,8 @@ async def test_many_clients_get_every_event_in_order(start_broker: StartBroker, 
                 for sub, into in zip(subs, received, strict=True):
                     nursery.start_soon(collect, sub, events, into)
                 for i in range(events):
-                    assert broker.emit("ai-chat/room-1", "ai:token", {"token": f"t{i}"}) == i + 1
+                    pub = await broker.emit("ai-chat/room-1", "ai:token", {"token": f"t{i}"})
+                    assert pub.offset == i + 1
                     if i % 10 == 0:
                         await trio.lowlevel.checkpoint()
     for into in received:
@@ -51,9 +52,9 @@ async def test_channels_stay_separate(broker: Broker) -> None:
         a = await one.subscribe("a")
         b = await two.subscribe("b")
         both = await two.subscribe("a")
-        broker.emit("a", "x", 1)
-        broker.emit("b", "y", 2)
-        broker.emit("a", "z", 3)
+        broker.emit_nowait("a", "x", 1)
+        broker.emit_nowait("b", "y", 2)
+        broker.emit_nowait("a", "z", 3)
         got_a: list[Event] = []
         got_b: list[Event] = []
         got_both: list[Event] = []
@@ -70,10 +71,10 @@ async def test_unsubscribe_stops_delivery(broker: Broker) -> None:
     async with connect(ws_url(broker)) as client:
         sub = await client.subscribe("news")
         keep = await client.subscribe("keep")
-        broker.emit("news", "n", 1)
+        broker.emit_nowait("news", "n", 1)
         await sub.unsubscribe()
-        broker.emit("news", "n", 2)
-        broker.emit("keep", "k", 3)
+        broker.emit_nowait("news", "n", 2)
+        broker.emit_nowait("keep", "k", 3)
         with trio.fail_after(5):
             assert (await keep.__anext__()).data == 3
         remaining = [event.data async for event in sub]
@@ -85,10 +86,10 @@ async def test_subscriber_sees_only_offsets_above_the_one_it_was_told(start_brok
     broker = await start_broker(batching=True)
     async with connect(ws_url(broker)) as first, connect(ws_url(broker)) as second:
         await first.subscribe("c")
-        broker.emit("c", "e", "before")  # still pending in the hub when the next sub arrives
+        broker.emit_nowait("c", "e", "before")  # still pending in the hub when the next sub arrives
         late = await second.subscribe("c")
         assert late.offset == 1
-        broker.emit("c", "e", "after")
+        broker.emit_nowait("c", "e", "after")
         with trio.fail_after(5):
             event = await late.__anext__()
         assert (event.offset, event.data) == (2, "after")
@@ -96,19 +97,19 @@ async def test_subscriber_sees_only_offsets_above_the_one_it_was_told(start_brok
 
 async def test_emit_validates_input(broker: Broker) -> None:
     with pytest.raises(EmitError, match="channel name"):
-        broker.emit("bad channel", "e", None)
+        broker.emit_nowait("bad channel", "e", None)
     with pytest.raises(EmitError, match="event name"):
-        broker.emit("c", "", None)
+        broker.emit_nowait("c", "", None)
     with pytest.raises(EmitError, match="unsupported msgpack type"):
-        broker.emit("c", "e", {"x": object()})
+        broker.emit_nowait("c", "e", {"x": object()})
     with pytest.raises(EmitError, match="map keys"):
-        broker.emit("c", "e", {1: "x"})
+        broker.emit_nowait("c", "e", {1: "x"})
     assert broker.hub.statistics().publications == 0
 
 
 async def test_emit_without_subscribers_reaches_no_one(broker: Broker) -> None:
-    first = broker.publish("empty", "e", 1)
-    second = broker.publish("empty", "e", 2)
+    first = await broker.publish("empty", "e", 1)
+    second = await broker.publish("empty", "e", 2)
     assert (first.offset, second.offset) == (1, 1)
     assert first.epoch != second.epoch
     assert broker.hub.statistics().channels == 0
@@ -122,8 +123,8 @@ async def test_client_handlers_like_the_browser_api(broker: Broker) -> None:
         chat.on("ai:token", lambda e: text.append(e.data["token"])).on("ai:done", lambda e: done.set())
         await chat.subscribe()
         for token in ["Hel", "lo", "!"]:
-            broker.emit("ai-chat/abc", "ai:token", {"token": token})
-        broker.emit("ai-chat/abc", "ai:done", {})
+            broker.emit_nowait("ai-chat/abc", "ai:token", {"token": token})
+        broker.emit_nowait("ai-chat/abc", "ai:done", {})
         with trio.fail_after(5):
             await done.wait()
         assert "".join(text) == "Hello!"
@@ -158,7 +159,7 @@ async def test_publisher_that_never_yields_keeps_pending_bounded(broker: Broker)
         assert channel is not None
         most = 0
         for i in range(5000):  # about 1 MB, published without a checkpoint
-            broker.emit("tight", "blob", {"token": f"{i:0100d}"})
+            broker.emit_nowait("tight", "blob", {"token": f"{i:0100d}"})
             most = max(most, channel.log_bytes)
         assert most < MAX_PENDING_BYTES + 200
         got: list[Event] = []

@@ -52,19 +52,19 @@ async def test_reconnect_with_since_gets_exactly_what_was_missed(broker: Broker)
     async with connect(ws_url(broker), reconnect=False) as first:
         sub = await first.subscribe(channel)
         for i in range(5):
-            broker.emit(channel, "ai:token", {"token": f"a{i}"})
+            broker.emit_nowait(channel, "ai:token", {"token": f"a{i}"})
         seen = await take(sub, 5)
     assert offsets(seen) == [1, 2, 3, 4, 5]
     epoch = sub.epoch
     for i in range(7):
-        broker.emit(channel, "ai:token", {"token": f"b{i}"})
+        broker.emit_nowait(channel, "ai:token", {"token": f"b{i}"})
     async with connect(ws_url(broker)) as second:
         again = await second.subscribe(channel, since=p.Position(o=5, ep=epoch))
         assert (again.recovered, again.epoch) == (True, epoch)
         missed = await take(again, 7)
         assert offsets(missed) == list(range(6, 13))
         assert [e.data["token"] for e in missed] == [f"b{i}" for i in range(7)]
-        broker.emit(channel, "ai:token", {"token": "live"})
+        broker.emit_nowait(channel, "ai:token", {"token": "live"})
         live = await take(again, 1)
         assert (live[0].offset, live[0].data) == (13, {"token": "live"})
     assert broker.hub.statistics().recoveries == 1
@@ -74,7 +74,7 @@ async def test_unrecoverable_positions_get_recovered_false_and_no_replay(start_b
     broker = await start_broker(channels={"h/*": ChannelOptions(history_size=3)})
     epoch = ""
     for i in range(10):
-        epoch = broker.publish("h/1", "e", i).epoch
+        epoch = (await broker.publish("h/1", "e", i)).epoch
     async with connect(ws_url(broker)) as client:
         for since in (p.Position(o=2, ep=epoch),  # trimmed: only 8, 9, 10 are kept
                       p.Position(o=8, ep="another-epoch"),  # stale epoch
@@ -82,7 +82,7 @@ async def test_unrecoverable_positions_get_recovered_false_and_no_replay(start_b
             top = broker.engine.position("h/1")[1]
             sub = await client.subscribe("h/1", since=since)
             assert (sub.recovered, sub.offset, sub.epoch) == (False, top, epoch)
-            broker.emit("h/1", "e", "live")
+            broker.emit_nowait("h/1", "e", "live")
             (event,) = await take(sub, 1)
             assert event.data == "live"  # nothing was replayed before it
             await sub.unsubscribe()
@@ -96,13 +96,13 @@ async def test_unrecoverable_positions_get_recovered_false_and_no_replay(start_b
 async def test_catching_up_without_an_epoch_gets_the_stream_so_far(broker: Broker) -> None:
     channel = "ai-chat/late"
     for word in ["The", " answer", " so", " far"]:
-        broker.emit(channel, "ai:token", {"token": word})
+        broker.emit_nowait(channel, "ai:token", {"token": word})
     async with connect(ws_url(broker)) as client:
         told: list[Subscribed] = []
         late = await client.channel(channel).on_subscribed(told.append).subscribe(since=p.Position(o=0))
         assert (told[0].recovered, told[0].offset) == (True, 0)
         so_far = await take(late, 4)
-        broker.emit(channel, "ai:done", {"reason": "stop", "tokens": 4})
+        broker.emit_nowait(channel, "ai:done", {"reason": "stop", "tokens": 4})
         done = await take(late, 1)
     assert "".join(e.data["token"] for e in so_far) == "The answer so far"
     assert (done[0].event, done[0].offset) == ("ai:done", 5)
@@ -111,7 +111,7 @@ async def test_catching_up_without_an_epoch_gets_the_stream_so_far(broker: Broke
 async def test_catching_up_past_trimmed_history_gets_what_is_kept(start_broker: StartBroker) -> None:
     broker = await start_broker(channels={"h/*": ChannelOptions(history_size=3)})
     for i in range(6):
-        broker.emit("h/x", "e", i)
+        broker.emit_nowait("h/x", "e", i)
     async with connect(ws_url(broker)) as client:
         sub = await client.subscribe("h/x", since=p.Position(o=0))
         assert not sub.recovered  # offsets 1-3 were trimmed
@@ -122,7 +122,7 @@ async def test_catching_up_past_trimmed_history_gets_what_is_kept(start_broker: 
 async def test_publications_racing_recoveries_arrive_exactly_once(broker: Broker) -> None:
     channel = "ai-chat/race"
     total = 3000
-    epoch = broker.publish(channel, "ai:token", {"token": "0"}).epoch
+    epoch = (await broker.publish(channel, "ai:token", {"token": "0"})).epoch
     rng = random.Random(7)
     results: list[tuple[int, list[int]]] = []
 
@@ -138,7 +138,7 @@ async def test_publications_racing_recoveries_arrive_exactly_once(broker: Broker
         for _ in range(20):
             nursery.start_soon(late_subscriber, rng.uniform(0, 0.05))
         for i in range(1, total):
-            broker.emit(channel, "ai:token", {"token": str(i)})
+            broker.emit_nowait(channel, "ai:token", {"token": str(i)})
             if i % 7 == 0:
                 await trio.lowlevel.checkpoint()  # let subscriptions land between any two publications
     assert len(results) == 20
@@ -149,10 +149,10 @@ async def test_publications_racing_recoveries_arrive_exactly_once(broker: Broker
 async def test_history_expires_after_its_ttl_and_the_stream_is_forgotten(
         start_broker: StartBroker, autojump_clock: trio.testing.MockClock) -> None:
     broker = await start_broker(channels={"t/*": ChannelOptions(history_size=100, history_ttl=10.0)})
-    first = broker.publish("t/1", "e", 1)
-    broker.emit("t/1", "e", 2)
+    first = await broker.publish("t/1", "e", 1)
+    broker.emit_nowait("t/1", "e", 2)
     await trio.sleep(6)
-    broker.emit("t/1", "e", 3)
+    broker.emit_nowait("t/1", "e", 3)
     await trio.sleep(5.5)  # 11.5 s after the first two: the 1 s sweep at 11 s dropped them
     assert broker.statistics().history.kept == 1
     page = broker.engine.since("t/1", after=2, epoch=first.epoch, limit=10, max_bytes=1 << 20)
@@ -161,7 +161,7 @@ async def test_history_expires_after_its_ttl_and_the_stream_is_forgotten(
     await trio.sleep(6)
     stats = broker.statistics().history
     assert (stats.kept, stats.bytes, stats.streams) == (0, 0, 0)
-    again = broker.publish("t/1", "e", 4)
+    again = await broker.publish("t/1", "e", 4)
     assert again.offset == 1 and again.epoch != first.epoch  # a new incarnation of the stream
 
 
@@ -191,9 +191,9 @@ def test_publications_not_persisted_are_skipped_in_replays() -> None:
 
 async def test_persist_override_on_emits(broker: Broker) -> None:
     with pytest.raises(EmitError, match="keeps no history"):
-        broker.emit("news", "e", 1, persist=True)
-    broker.emit("ai-chat/p", "typing", {}, persist=False)
-    broker.emit("ai-chat/p", "ai:token", {"token": "kept"})
+        broker.emit_nowait("news", "e", 1, persist=True)
+    broker.emit_nowait("ai-chat/p", "typing", {}, persist=False)
+    broker.emit_nowait("ai-chat/p", "ai:token", {"token": "kept"})
     url = f"http://127.0.0.1:{broker.port}"
     body = await trio.to_thread.run_sync(_get_json, f"{url}/api/history?channel=ai-chat/p")
     assert [pub["event"] for pub in body["publications"]] == ["ai:token"]
@@ -215,7 +215,7 @@ async def test_history_api_pages_through_a_channel(broker: Broker) -> None:
     channel = "ai-chat/api"
     epoch = ""
     for i in range(25):
-        epoch = broker.publish(channel, "ai:token", {"token": f"t{i}", "raw": b"\x00\x01"}).epoch
+        epoch = (await broker.publish(channel, "ai:token", {"token": f"t{i}", "raw": b"\x00\x01"})).epoch
     base = f"http://127.0.0.1:{broker.port}/api/history"
     page = await trio.to_thread.run_sync(_get_json, f"{base}?channel={channel}&limit=10")
     assert (page["epoch"], page["top"], page["recovered"]) == (epoch, 25, True)

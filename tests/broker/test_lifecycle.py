@@ -52,12 +52,12 @@ async def test_slow_consumer_is_cut_off_while_200_others_get_everything(start_br
                 # Publish until the slow reader is cut off (bounded), then a little more.
                 while broker.statistics().slow_disconnects == 0:
                     assert published < 3000, "the slow consumer was never cut off"
-                    broker.emit(channel, "blob", payload)
+                    broker.emit_nowait(channel, "blob", payload)
                     published += 1
                     if published % 4 == 0:
                         await caught_up(4)
                 for _ in range(50):
-                    broker.emit(channel, "blob", payload)
+                    broker.emit_nowait(channel, "blob", payload)
                     published += 1
                 await caught_up(0)
                 nursery.cancel_scope.cancel()
@@ -86,7 +86,7 @@ async def test_graceful_shutdown_says_bye(nursery: trio.Nursery) -> None:
     await nursery.start(serve_then_flag)
     async with connect(ws_url(broker), reconnect=False) as client:
         sub = await client.subscribe("ai-chat/x")
-        broker.emit("ai-chat/x", "ai:token", {"token": "last"})
+        broker.emit_nowait("ai-chat/x", "ai:token", {"token": "last"})
         broker.shutdown()
         events = []
         with pytest.raises(ServerClosed) as info:
@@ -129,7 +129,7 @@ async def test_statistics_are_immutable_snapshots(broker: Broker) -> None:
     async with connect(ws_url(broker)) as client:
         await client.subscribe("s")
         before = broker.statistics()
-        broker.emit("s", "e", 1)
+        broker.emit_nowait("s", "e", 1)
         after = broker.statistics()
         [connection] = broker.connections
         conn_stats = connection.statistics()

@@ -45,10 +45,10 @@ async def test_a_stalled_reader_gets_its_tokens_coalesced_losslessly(
     await reader.receive()  # the ok
     tokens = words(6000, seed=1)  # about 200 KB as separate frames: more than the outbox holds
     for i, token in enumerate(tokens):
-        broker.emit(channel, "ai:token", {"token": token})
+        broker.emit_nowait(channel, "ai:token", {"token": token})
         if i % 100 == 0:
             await trio.lowlevel.checkpoint()
-    broker.emit(channel, "ai:done", {"reason": "stop", "tokens": len(tokens)})
+    broker.emit_nowait(channel, "ai:done", {"reason": "stop", "tokens": len(tokens)})
     await reader.read_for(1.0)
     assert reader.close_code is None, "coalescing should have kept the reader connected"
     text, covered = text_of(reader.frames, channel)
@@ -69,9 +69,9 @@ async def test_the_drop_policy_skips_ahead_and_names_the_gap(
     await reader.receive()
     total = 3000
     for i in range(1, total):
-        broker.emit("cur/1", "move", {"x": i, "pad": "." * 40})  # not coalescible
+        broker.emit_nowait("cur/1", "move", {"x": i, "pad": "." * 40})  # not coalescible
         if i == 1500:
-            broker.emit("cur/1", "final", {"at": i})  # offset 1501: never dropped
+            broker.emit_nowait("cur/1", "final", {"at": i})  # offset 1501: never dropped
         if i % 100 == 0:
             await trio.lowlevel.checkpoint()
     await reader.read_for(1.0)
@@ -96,7 +96,7 @@ async def test_replies_to_pings_do_not_wait_behind_a_backlog(
     await reader.command(p.Sub(id=1, ch="blobs"))
     await reader.receive()
     for i in range(2000):
-        broker.emit("blobs", "blob", {"i": i, "pad": "." * 200})  # about 450 KB: most of it queued
+        broker.emit_nowait("blobs", "blob", {"i": i, "pad": "." * 200})  # about 450 KB: most of it queued
     await trio.sleep(0.1)
     assert broker.statistics().bytes_queued > 100_000
     await reader.command(p.Ping(id=7))
@@ -122,12 +122,12 @@ async def test_a_paused_reader_ends_with_the_exact_text_while_100_others_get_eve
             paused = await client.subscribe(channel, buffer=8)
             most_queued = 0
             for i, token in enumerate(tokens):  # the paused reader reads nothing meanwhile
-                broker.emit(channel, "ai:token", {"token": token})
+                broker.emit_nowait(channel, "ai:token", {"token": token})
                 if i % 200 == 0:
                     await trio.sleep(0.002)
                     most_queued = max([most_queued, *(c.outbox.statistics().bytes_queued
                                                       for c in broker.connections)])
-            broker.emit(channel, "ai:done", {"reason": "stop", "tokens": total})
+            broker.emit_nowait(channel, "ai:done", {"reason": "stop", "tokens": total})
             text, last = await read_answer(paused, 0)
         result = await trio.to_thread.run_sync(swarm.finish, 60.0)
     finally:
@@ -219,7 +219,7 @@ async def test_every_reader_reconstructs_the_emitted_text(plan: list[Step], seed
                     for kind, a, b in plan:
                         if kind == "emit":
                             for token in tokens[emitted:emitted + a]:
-                                broker.emit(channel, "ai:token", {"token": token})
+                                broker.emit_nowait(channel, "ai:token", {"token": token})
                             emitted += a
                             await trio.lowlevel.checkpoint()
                         elif kind == "pause":
@@ -230,7 +230,7 @@ async def test_every_reader_reconstructs_the_emitted_text(plan: list[Step], seed
                             if len(connections) > a:
                                 connections[a].close(p.Code.SHUTTING_DOWN, "test: connection dropped")
                             await trio.lowlevel.checkpoint()
-                    broker.emit(channel, "ai:done", {})
+                    broker.emit_nowait(channel, "ai:done", {})
         broker.shutdown()
     expected = "".join(tokens)
     for text in texts:
@@ -246,10 +246,10 @@ async def test_control_and_terminal_frames_survive_a_full_buffer(
     await reader.command(p.Sub(id=1, ch="ai-chat/t"))
     await reader.receive()
     for i in range(3000):
-        broker.emit("ai-chat/t", "note", {"i": i, "pad": "." * 60})
+        broker.emit_nowait("ai-chat/t", "note", {"i": i, "pad": "." * 60})
         if i % 100 == 0:
             await trio.lowlevel.checkpoint()
-    broker.emit("ai-chat/t", "ai:done", {"reason": "stop"})
+    broker.emit_nowait("ai-chat/t", "ai:done", {"reason": "stop"})
     await reader.read_for(1.0)
     if policy is SlowPolicy.DISCONNECT:
         assert isinstance(reader.frames[-1], p.Bye) and reader.frames[-1].code == p.Code.SLOW_CONSUMER

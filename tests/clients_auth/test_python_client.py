@@ -39,7 +39,7 @@ class Tokens:
 
 async def emit_every(broker: Broker, channel: str, interval: float, count: int) -> None:
     for n in range(1, count + 1):
-        broker.emit(channel, "tick", {"n": n})
+        broker.emit_nowait(channel, "tick", {"n": n})
         await trio.sleep(interval)
 
 

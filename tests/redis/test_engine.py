@@ -1,0 +1,171 @@
+"""Several brokers on one private redis-server act as one: fan-out, offsets, recovery, outages."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import trio
+import trio.lowlevel
+
+import protocol as p
+from broker import Broker, Config, ConfigError, EngineUnavailable
+from broker.client import Event, Subscribed, Subscription, connect
+from tests.broker.conftest import ONE_ADDRESS_MANY_CLIENTS
+from tests.redisproc import RedisServer
+
+StartNode = Callable[..., Awaitable[Broker]]
+
+
+@pytest.fixture
+def start_node(nursery: trio.Nursery, redis_server: RedisServer) -> StartNode:
+    """Start a broker on the test's Redis (``Config(port=0, engine=..., **overrides)``)."""
+
+    async def start(**overrides: Any) -> Broker:
+        settings = {**ONE_ADDRESS_MANY_CLIENTS, "engine": redis_server.url, **overrides}
+        node = Broker(Config(port=0, **settings))
+        await nursery.start(node.serve)
+        return node
+
+    return start
+
+
+def ws(node: Broker) -> str:
+    return f"ws://127.0.0.1:{node.port}/ws"
+
+
+def post(node: Broker, path: str, payload: object) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(f"http://127.0.0.1:{node.port}{path}", json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+async def take(sub: Subscription, count: int, seconds: float = 10) -> list[Event]:
+    events: list[Event] = []
+    with trio.fail_after(seconds):
+        async for event in sub:
+            events.append(event)
+            if len(events) == count:
+                break
+    return events
+
+
+async def test_a_publication_on_one_node_reaches_subscribers_on_every_node(start_node: StartNode) -> None:
+    a, b, c = await start_node(), await start_node(), await start_node()
+    async with connect(ws(a)) as on_a, connect(ws(b)) as on_b:
+        subs = [await on_a.subscribe("ai-chat/x"), await on_b.subscribe("ai-chat/x")]
+        first = await c.emit("ai-chat/x", "ai:token", {"token": "one"})  # in-process, on a third node
+        status, body = await trio.to_thread.run_sync(
+            post, b, "/api/emit", {"channel": "ai-chat/x", "event": "ai:token", "data": {"token": "two"}})
+        assert status == 200 and body["offset"] == first.offset + 1 and body["epoch"] == first.epoch
+        await on_a.publish("ai-chat/x", "ai:cancel", {})  # a client's pub, on node a
+        for sub in subs:
+            events = await take(sub, 3)
+            assert [(e.event, e.offset) for e in events] == [
+                ("ai:token", first.offset), ("ai:token", first.offset + 1), ("ai:cancel", first.offset + 2)]
+            assert [e.data for e in events[:2]] == [{"token": "one"}, {"token": "two"}]
+
+
+async def test_cross_node_fan_out_in_order(start_node: StartNode) -> None:
+    """1,000 events to 50 clients on each of two nodes, emitted on a third: all, in order, once."""
+    nodes = [await start_node(), await start_node()]
+    emitter = await start_node()
+    got: dict[int, list[int]] = {}
+    async with trio.open_nursery() as nursery:
+        ready = trio.Semaphore(0)
+
+        async def watch(index: int, node: Broker) -> None:
+            async with connect(ws(node)) as client:
+                sub = await client.subscribe("news/all")
+                ready.release()
+                got[index] = [event.data["n"] for event in await take(sub, 1000, seconds=30)]
+
+        for index in range(100):
+            nursery.start_soon(watch, index, nodes[index % 2])
+        for _ in range(100):
+            await ready.acquire()
+        for n in range(1000):
+            emitter.emit_nowait("news/all", "tick", {"n": n})
+            if n % 100 == 0:
+                await trio.lowlevel.checkpoint()
+    assert got == {index: list(range(1000)) for index in range(100)}
+
+
+async def test_recovery_on_another_node(start_node: StartNode) -> None:
+    a, b = await start_node(), await start_node()
+    async with connect(ws(a)) as client:
+        sub = await client.subscribe("ai-chat/r")
+        for i in range(5):
+            await a.emit("ai-chat/r", "ai:token", {"token": f"t{i}"})
+        seen = await take(sub, 5)
+    last = seen[-1]
+    assert sub.epoch
+    for i in range(5, 9):  # while the watcher is away
+        await b.emit("ai-chat/r", "ai:token", {"token": f"t{i}"})
+    said: list[Subscribed] = []
+    async with connect(ws(b)) as client:
+        again = client.channel("ai-chat/r").on_subscribed(said.append)
+        await again.subscribe(since=p.Position(o=last.offset, ep=sub.epoch))
+        await a.emit("ai-chat/r", "ai:token", {"token": "t9"})  # live, from the other node
+        events = await take(again, 5)
+    assert said and said[0].recovered
+    assert [e.data["token"] for e in events] == [f"t{i}" for i in range(5, 10)]
+    assert [e.offset for e in events] == list(range(last.offset + 1, last.offset + 6))
+
+
+async def test_history_over_http_comes_from_redis(start_node: StartNode) -> None:
+    a, b = await start_node(), await start_node()
+    for i in range(3):
+        await a.emit("ai-chat/h", "ai:token", {"token": f"t{i}"})
+    a.emit_nowait("ai-chat/h", "typing", {}, persist=False)
+    last = await a.emit("ai-chat/h", "ai:done", {})
+    url = f"http://127.0.0.1:{b.port}/api/history?channel=ai-chat/h&since=1"
+    with await trio.to_thread.run_sync(urllib.request.urlopen, url) as response:
+        body = json.load(response)
+    assert body["recovered"] and body["top"] == last.offset and body["epoch"] == last.epoch
+    assert [(pub["offset"], pub["event"]) for pub in body["publications"]] == [
+        (2, "ai:token"), (3, "ai:token"), (5, "ai:done")]  # 4 was not kept
+
+
+async def test_an_unreachable_redis_is_a_clear_error(redis_server: RedisServer) -> None:
+    url = redis_server.url
+    redis_server.kill()
+    broker = Broker(Config(port=0, engine=url))
+    with pytest.raises(ConfigError, match=r"engine: cannot connect to Redis at redis://127\.0\.0\.1"):
+        await broker.serve()
+    with pytest.raises(ConfigError, match=r"engine: must be memory or a redis:// URL"):
+        Config(engine="postgres://x")
+
+
+async def test_emits_fail_clearly_while_redis_is_away_and_work_when_it_is_back(
+        start_node: StartNode, redis_server: RedisServer) -> None:
+    a = await start_node()
+    await a.emit("ai-chat/o", "ai:token", {"token": "before"})
+    redis_server.kill()
+    with trio.fail_after(10):
+        while True:
+            try:
+                await a.emit("ai-chat/o", "ai:token", {"token": "lost"})
+            except EngineUnavailable:
+                break
+            await trio.sleep(0.05)
+    status, body = await trio.to_thread.run_sync(
+        post, a, "/api/emit", {"channel": "ai-chat/o", "event": "ai:token", "data": {"token": "x"}})
+    assert status == 503 and "retry" in body["error"]
+    redis_server.start(port=redis_server.port)
+    with trio.fail_after(15):
+        while True:
+            try:
+                pub = await a.emit("ai-chat/o", "ai:token", {"token": "after"})
+                break
+            except EngineUnavailable:
+                await trio.sleep(0.1)
+    assert pub.offset == 1  # Redis kept nothing: a new stream, a new epoch
