@@ -47,6 +47,7 @@ from broker.http import Upgrade, error_response, serve_http
 from broker.hub import Hub, HubStatistics, Publication
 from broker.limits import AddressCount, KeyedRate, parse_networks
 from broker.memory import MemoryBudget, default_memory_limit
+from broker.outbox import Outbox
 from broker.pacing import SharedRate
 from broker.redis.engine import RedisEngine
 from broker.ws import WsConnection
@@ -99,9 +100,11 @@ class Broker:
         self.hub = Hub(self.engine, batching=self.config.batching)
         if self.redis is not None:
             self.redis.deliver = self.hub.deliver
+            self.redis.restarted = self._stream_restarted
         self.backlog = Backlog(self.channel_options)
         self.ai = AiService(self)
         self.connections: set[WsConnection] = set()
+        self._by_outbox: dict[Outbox, WsConnection] = {}  # the connection each subscriber outbox is of
         self.port: int | None = None
         self._tcp_connections = 0
         self._slow_disconnects = 0
@@ -247,6 +250,21 @@ class Broker:
         if persist is None:
             persist = self.channel_options(channel).persist
         return data, persist, is_cancel
+
+    def _stream_restarted(self, channel: str) -> None:
+        """The engine lost ``channel``'s stream (Redis restarted without persistence): its
+        subscribers' positions mean nothing now, so each is told to reconnect and subscribe again."""
+        hub_channel = self.hub.channel(channel)
+        if hub_channel is None:
+            return
+        log.warning("the stream of %s began again in a new epoch (Redis lost it): its %d subscriber(s) "
+                    "reconnect", channel, len(hub_channel.subscribers))
+        for outbox in list(hub_channel.subscribers):
+            connection = self._by_outbox.get(outbox)
+            if connection is not None:
+                connection.close(p.Code.STREAM_RESTARTED,
+                                 f"the stream of {channel} began again (the broker's Redis lost it): "
+                                 "reconnect and subscribe again")
 
     # -- history, on either engine --------------------------------------------------
 
@@ -466,6 +484,7 @@ class Broker:
             if upgrade is not None:
                 connection = WsConnection(self, stream)
                 self.connections.add(connection)
+                self._by_outbox[connection.outbox] = connection
                 try:
                     accepted = await connection.handshake(upgrade)
                     del upgrade  # the request head is not needed any more: idle connections stay small
@@ -474,6 +493,7 @@ class Broker:
                 finally:
                     connection.dispose()
                     self.connections.discard(connection)
+                    self._by_outbox.pop(connection.outbox, None)
                     if not self.connections and self._shutdown.is_set():
                         self._drained.set()
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):

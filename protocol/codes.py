@@ -55,6 +55,9 @@ class Code(IntEnum):
     TOO_MANY_CONNECTIONS = 4103
     #: The connection's token expired before a fresh one came (``hello {token}``); reconnect with a new one.
     TOKEN_EXPIRED = 4104
+    #: A subscribed channel's stream began again in a new epoch (the engine lost it: Redis restarted
+    #: without persistence); reconnect and subscribe again (recovery answers ``recovered: false``).
+    STREAM_RESTARTED = 4105
 
     @property
     def reconnect(self) -> bool:
@@ -64,5 +67,5 @@ class Code(IntEnum):
 
 _RECONNECT = frozenset(
     {Code.SHUTTING_DOWN, Code.SLOW_CONSUMER, Code.IDLE_TIMEOUT, Code.TOO_MANY_CONNECTIONS,
-     Code.INTERNAL_ERROR, Code.TOKEN_EXPIRED}
+     Code.INTERNAL_ERROR, Code.TOKEN_EXPIRED, Code.STREAM_RESTARTED}
 )

@@ -145,6 +145,9 @@ class RedisEngine:
         self.keys = Keys(prefix)
         self._options = options
         self.deliver: Callable[[str, bytes], None] = deliver or (lambda channel, frame: None)
+        #: Called with a followed channel whose stream began again in a new epoch (before its
+        #: first publication in the new epoch is delivered).
+        self.restarted: Callable[[str], None] = lambda channel: None
         self._mirrors: dict[str, Mirror] = {}
         self._queue: list[_Queued] = []
         self._queued_bytes = 0
@@ -426,6 +429,7 @@ class RedisEngine:
                 self._accept(channel, mirror, kept, offset, epoch_text, frame)
         elif epoch_text != mirror.epoch:
             mirror.restart(epoch_text, top_number)  # Redis lost the stream while we were away
+            self.restarted(channel)
         elif top_number > mirror.top:
             self._fill_gap(channel, mirror, top_number + 1)
 
@@ -450,6 +454,8 @@ class RedisEngine:
     def _accept(self, channel: str, mirror: Mirror, kept: bool, offset: int, epoch: str,
                 frame: bytes) -> None:
         if epoch != mirror.epoch:
+            if mirror.epoch:
+                self.restarted(channel)
             if offset != 1 and mirror.epoch:
                 # A new stream that began while we were not looking: read it from the start.
                 mirror.restart(epoch, 0)

@@ -14,7 +14,7 @@ import trio.lowlevel
 
 import protocol as p
 from broker import Broker, Config, ConfigError, EngineUnavailable
-from broker.client import Event, Subscribed, Subscription, connect
+from broker.client import Event, StreamLost, Subscribed, Subscription, connect
 from tests.broker.conftest import ONE_ADDRESS_MANY_CLIENTS
 from tests.redisproc import RedisServer
 
@@ -169,3 +169,102 @@ async def test_emits_fail_clearly_while_redis_is_away_and_work_when_it_is_back(
             except EngineUnavailable:
                 await trio.sleep(0.1)
     assert pub.offset == 1  # Redis kept nothing: a new stream, a new epoch
+
+
+async def redis_command(server: RedisServer, *args: str | int) -> object:
+    from broker.redis.resp import RedisAddress, open_connection
+
+    async with open_connection(RedisAddress.parse(server.url)) as redis:
+        return await redis.execute(*args)
+
+
+async def test_a_cut_pubsub_connection_loses_nothing(start_node: StartNode, redis_server: RedisServer) -> None:
+    """Redis drops the node's subscriber connection mid-stream: it follows again and reads what it
+    missed from the stream, so its subscribers see every publication once, in order."""
+    watching, emitting = await start_node(), await start_node()
+    async with connect(ws(watching)) as client:
+        sub = await client.subscribe("ai-chat/cut")
+        async with trio.open_nursery() as nursery:
+            async def emit_all() -> None:
+                for n in range(300):
+                    await emitting.emit("ai-chat/cut", "tick", {"n": n})
+                    if n == 100:
+                        assert await redis_command(redis_server, "CLIENT", "KILL", "TYPE", "pubsub") == 1
+                    await trio.sleep(0.002)
+
+            nursery.start_soon(emit_all)
+            events = await take(sub, 300, seconds=20)
+    assert [event.data["n"] for event in events] == list(range(300))
+    assert [event.offset for event in events] == list(range(1, 301))
+    assert watching.redis is not None and watching.redis.gaps_filled >= 1
+
+
+async def test_redis_away_for_two_seconds_mid_stream(start_node: StartNode, redis_server: RedisServer) -> None:
+    """Emits fail clearly while Redis is away. Redis comes back empty (no persistence): the stream
+    began again, so the subscriber is told to reconnect (bye 4105), and the client, resubscribing,
+    hears ``recovered: false`` and the new epoch. Nothing arrives twice or out of order."""
+    node = await start_node()
+    published: list[tuple[str, int]] = []
+    refused = 0
+    said: list[Subscribed] = []
+    async with connect(ws(node)) as client:
+        sub = client.channel("ai-chat/away").on_subscribed(said.append)
+        await sub.subscribe()
+        for n in range(20):
+            pub = await node.emit("ai-chat/away", "tick", {"n": n})
+            published.append((pub.epoch, pub.offset))
+        redis_server.kill()
+        with trio.fail_after(5):
+            while True:
+                try:
+                    await node.emit("ai-chat/away", "tick", {"n": -1})
+                except EngineUnavailable:
+                    refused += 1
+                    break
+        await trio.sleep(2)
+        redis_server.start(port=redis_server.port)
+        with trio.fail_after(15):
+            while not (len(said) == 2 and said[1].resubscribed):
+                await trio.sleep(0.05)
+        for n in range(20, 30):
+            pub = await node.emit("ai-chat/away", "tick", {"n": n})
+            published.append((pub.epoch, pub.offset))
+        before = await take(sub, 20)
+        with pytest.raises(StreamLost):  # the client's word for "reload: the stream began again"
+            await take(sub, 1)
+        after = await take(sub, 10)
+    assert refused == 1
+    assert [event.data["n"] for event in before + after] == list(range(30))
+    assert [event.offset for event in before + after] == list(range(1, 21)) + list(range(1, 11))
+    assert said[1].recovered is False and said[1].epoch != said[0].epoch
+    assert [pub[1] for pub in published] == list(range(1, 21)) + list(range(1, 11))
+    assert {pub[0] for pub in published[20:]} == {said[1].epoch}
+
+
+async def test_restarted_redis_with_appendonly_keeps_recovery(nursery: trio.Nursery) -> None:
+    server = RedisServer(appendonly=True)
+    server.start()
+    try:
+        node = Broker(Config(port=0, engine=server.url, **ONE_ADDRESS_MANY_CLIENTS))
+        await nursery.start(node.serve)
+        first = await node.emit("ai-chat/aof", "ai:token", {"token": "a"})
+        await node.emit("ai-chat/aof", "ai:token", {"token": "b"})
+        await redis_command(server, "SAVE")  # not needed with appendfsync everysec, but quick
+        server.kill()
+        server.start(port=server.port)
+        with trio.fail_after(15):
+            while True:
+                try:
+                    third = await node.emit("ai-chat/aof", "ai:token", {"token": "c"})
+                    break
+                except EngineUnavailable:
+                    await trio.sleep(0.1)
+        assert (third.offset, third.epoch) == (first.offset + 2, first.epoch)
+        said: list[Subscribed] = []
+        async with connect(ws(node)) as client:
+            sub = client.channel("ai-chat/aof").on_subscribed(said.append)
+            await sub.subscribe(since=p.Position(o=first.offset, ep=first.epoch))
+            events = await take(sub, 2)
+        assert said[0].recovered and [e.data["token"] for e in events] == ["b", "c"]
+    finally:
+        server.close()
