@@ -4,12 +4,13 @@ Theory of operation
 -------------------
 *Publishing.* :meth:`RedisEngine.publish` encodes the frame once (its offset a
 placeholder, see :mod:`broker.redis.scripts`) and queues it. The publisher task
-sends everything queued in one pipelined write of ``EVALSHA`` calls, one per
-publication, on one connection: Redis runs them in the order they were queued,
-so emits from one caller stay in order, and a burst of tokens costs one round
-trip. Each script call gives the publication the channel's next offset (the
-meta hash is the authority, so every node agrees), keeps it in the channel's
-stream when it should be kept, and publishes the finished frame.
+sends everything queued (up to :data:`MAX_BATCH` publications) in one script
+call on one connection, grouped by channel in the order they were queued, so
+emits from one caller stay in order, and a burst of tokens on many channels
+costs one round trip and one ``EVALSHA``. The script gives each channel's
+publications its next offsets (the meta hash is the authority, so every node
+agrees), keeps them in the channel's stream as one entry, and publishes them
+as one message.
 
 *Receiving.* A node subscribes (one pub/sub connection for the node, not one
 per client) to the channels it has subscribers on. Each channel it follows has
@@ -49,6 +50,7 @@ from broker.errors import EngineUnavailable
 from broker.groups import first_leaf
 from broker.history import EngineStatistics, Replay, Stored
 from broker.redis.resp import (
+    Pending,
     PubSub,
     RedisAddress,
     RedisConnection,
@@ -57,13 +59,17 @@ from broker.redis.resp import (
     open_connection,
     open_pubsub,
 )
-from broker.redis.scripts import OFFSET_PLACEHOLDER, PUBLISH, PUBLISH_SHA, Keys, parse_message
+from broker.redis.scripts import OFFSET_PLACEHOLDER, PUBLISH, PUBLISH_SHA, Keys, parse_message, split_body
 from protocol import LocalProtocolError, encode_event, ws_frame
 
 log = logging.getLogger("tokenfan.redis")
 
-#: Most publications sent in one pipelined write.
+#: Most publications sent in one pipelined write (and in one script call).
 MAX_BATCH = 512
+#: Flushes sent and not yet answered, at most: Redis works on one while the node builds the next.
+IN_FLIGHT = 4
+#: Most bytes of publications sent in one pipelined write (at least one publication).
+MAX_FLUSH_BYTES = 1024 * 1024
 #: Most bytes of publications waiting to be sent (emits past it wait; emit_nowait raises).
 MAX_QUEUED_BYTES = 16 * 1024 * 1024
 #: Recent kept frames a mirror holds, in bytes (always at least the newest one).
@@ -74,14 +80,19 @@ META_TTL = 24 * 3600
 RECONNECT_BACKOFF = (0.05, 2.0)
 #: Least time between two warnings that Redis is away.
 WARN_EVERY = 30.0
+#: Stream entries (batches) read by one XRANGE.
+_READ_ENTRIES = 64
 #: How long a command may take before Redis counts as unavailable.
 COMMAND_TIMEOUT = 5.0
 
 
 @dataclass(slots=True)
 class _Queued:
-    keys: tuple[bytes, bytes, bytes]
-    args: tuple[bytes, bytes, int, int, int]
+    """A publication waiting to be sent: its frame (offset a placeholder), and who waits for it."""
+
+    channel: str
+    frame: bytes
+    kept: bool
     done: trio.Event | None
     result: tuple[str, int] | BaseException | None = None
 
@@ -241,12 +252,21 @@ class RedisEngine:
     def _encode(self, channel: str, event: str, data: Any, *, persist: bool,
                 done: trio.Event | None) -> _Queued:
         frame = ws_frame(encode_event(channel, event, data, OFFSET_PLACEHOLDER))
-        options = self._options(channel)
-        ttl_ms = max(1, math.ceil(options.history_ttl * 1000))
-        meta_ttl = max(META_TTL, math.ceil(options.history_ttl))
-        keys = (self.keys.meta(channel), self.keys.stream(channel), self.keys.pubsub(channel))
-        args = (frame, b"1" if persist else b"0", options.history_size, ttl_ms, meta_ttl)
-        return _Queued(keys=keys, args=args, done=done)
+        return _Queued(channel=channel, frame=frame, kept=persist, done=done)
+
+    def _script_call(self, groups: dict[str, list[_Queued]]) -> list[bytes | str | int]:
+        """One ``EVALSHA`` publishing every group (a channel's publications, in order)."""
+        keys: list[bytes | str | int] = []
+        args: list[bytes | str | int] = [new_epoch()]
+        names = self.keys
+        for channel, items in groups.items():
+            options = self._options(channel)
+            ttl_ms, meta_ttl = _ttls(options)
+            keys += (names.meta(channel), names.stream(channel), names.pubsub(channel))
+            flags = bytes(0x31 if item.kept else 0x30 for item in items)
+            args += (options.history_size, ttl_ms, meta_ttl, flags)
+            args += (item.frame for item in items)
+        return ["EVALSHA", PUBLISH_SHA, len(keys), *keys, *args]
 
     async def publish(self, channel: str, event: str, data: Any, *, persist: bool) -> Stored:
         """Publish through Redis; return the offset and epoch Redis gave it.
@@ -310,7 +330,7 @@ class RedisEngine:
         if self._nursery is None:
             raise EngineUnavailable(f"Redis at {self.address} is unavailable")
         self._queue.append(item)
-        self._queued_bytes += len(item.args[0])
+        self._queued_bytes += len(item.frame)
         if len(self._queue) == 1:
             self._queue_lot.unpark_all()
 
@@ -323,39 +343,82 @@ class RedisEngine:
             if item.done is not None:
                 item.done.set()
             else:
-                log.warning("a publication on %s was lost: %s", item.keys[2].decode(errors="replace"), error)
+                log.warning("a publication on %s was lost: %s", item.channel, error)
 
     async def _publisher(self, connection: RedisConnection) -> None:
-        while True:
-            while not self._queue:
-                await self._queue_lot.park()
-            batch = self._queue[:MAX_BATCH]
-            del self._queue[:MAX_BATCH]
-            self._queued_bytes -= sum(len(item.args[0]) for item in batch)
-            self._room_lot.unpark_all()
-            commands = [("EVALSHA", PUBLISH_SHA, 3, *item.keys, *item.args, new_epoch()) for item in batch]
-            try:
-                with trio.fail_after(COMMAND_TIMEOUT):
-                    replies = await connection.pipeline(commands)
-            except BaseException:
-                # Lost with the connection (or cancelled): these may or may not have been published.
+        """Send what is queued: one script call per flush (channels grouped, in queue order), with
+        up to :data:`IN_FLIGHT` flushes awaiting their replies while the next is sent."""
+        in_flight = trio.Semaphore(IN_FLIGHT)
+        async with trio.open_nursery() as nursery:
+            while True:
+                while not self._queue:
+                    await self._queue_lot.park()
+                await in_flight.acquire()
+                batch = self._take_batch()
+                groups: dict[str, list[_Queued]] = {}
                 for item in batch:
-                    item.result = EngineUnavailable(f"Redis at {self.address} was lost while publishing")
-                    if item.done is not None:
-                        item.done.set()
-                raise
-            self.round_trips += 1
-            for item, reply in zip(batch, replies, strict=True):
-                if isinstance(reply, RedisError):
-                    item.result = EngineUnavailable(f"Redis refused a publication: {reply}")
-                    self.errors += 1
-                else:
-                    item.result = (reply[0].decode(), int(reply[1]))
-                    self.published += 1
+                    groups.setdefault(item.channel, []).append(item)
+                try:
+                    pending = await connection.send([self._script_call(groups)])
+                except BaseException:
+                    self._lost(batch)
+                    raise
+                nursery.start_soon(self._settle_flush, pending, groups, batch, in_flight)
+
+    async def _settle_flush(self, pending: Pending, groups: dict[str, list[_Queued]], batch: list[_Queued],
+                            in_flight: trio.Semaphore) -> None:
+        try:
+            with trio.fail_after(COMMAND_TIMEOUT):
+                [reply] = await pending.replies()
+        except BaseException:
+            self._lost(batch)
+            raise
+        finally:
+            in_flight.release()
+        self.round_trips += 1
+        if isinstance(reply, RedisError):
+            for items in groups.values():
+                self._settle(items, reply)
+        else:
+            for index, items in enumerate(groups.values()):
+                self._settle(items, reply[2 * index:2 * index + 2])
+
+    def _lost(self, batch: list[_Queued]) -> None:
+        """Lost with the connection (or cancelled): these may or may not have been published."""
+        for item in batch:
+            if item.result is None:
+                item.result = EngineUnavailable(f"Redis at {self.address} was lost while publishing")
                 if item.done is not None:
                     item.done.set()
-                elif isinstance(item.result, BaseException):
-                    log.warning("a publication was lost: %s", item.result)
+
+    def _take_batch(self) -> list[_Queued]:
+        queue, size, count = self._queue, 0, 0
+        while count < len(queue) and count < MAX_BATCH and (not count or size < MAX_FLUSH_BYTES):
+            size += len(queue[count].frame)
+            count += 1
+        batch = queue[:count]
+        del queue[:count]
+        self._queued_bytes -= size
+        self._room_lot.unpark_all()
+        return batch
+
+    def _settle(self, items: list[_Queued], reply: Any) -> None:
+        """Tell each of ``items`` its offset (the script's reply: epoch and top), or the error."""
+        if isinstance(reply, RedisError):
+            self.errors += 1
+            results: list[tuple[str, int] | BaseException] = [
+                EngineUnavailable(f"Redis refused a publication: {reply}")] * len(items)
+        else:
+            epoch, top = reply[0].decode(), int(reply[1])
+            first = top - len(items) + 1
+            results = [(epoch, first + index) for index in range(len(items))]
+            self.published += len(items)
+        for item, result in zip(items, results, strict=True):
+            item.result = result
+            if item.done is not None:
+                item.done.set()
+            elif isinstance(result, BaseException):
+                log.warning("a publication on %s was lost: %s", item.channel, result)
 
     # -- following channels ------------------------------------------------------------
 
@@ -416,9 +479,10 @@ class RedisEngine:
             await pubsub.subscribe(self.keys.pubsub(channel))
             # A channel nobody published on yet gets its epoch now, as the memory engine's does
             # when it is first subscribed to: every node's subscribers are told the same one.
+            meta_ttl = _ttls(self._options(channel))[1]
             _created, _ttl, (epoch, top) = await connection.pipeline([
                 ["HSETNX", meta, "e", new_epoch()],
-                ["EXPIRE", meta, max(META_TTL, math.ceil(self._options(channel).history_ttl))],
+                ["EXPIRE", meta, meta_ttl] if meta_ttl else ["PERSIST", meta],
                 ["HMGET", meta, "e", "t"]])
         epoch_text, top_number = (epoch or b"").decode(), int(top or 0)
         if not was_ready:
@@ -439,17 +503,19 @@ class RedisEngine:
         self.received += 1
         try:
             channel = self.keys.channel_of(pubsub_channel)
-            kept, offset, epoch, frame = parse_message(message)
+            first, epoch, body = parse_message(message)
+            publications = list(split_body(body, first))
         except (ValueError, UnicodeDecodeError):
             log.warning("a message on %r is not one tokenfan publishes: ignored", pubsub_channel[:200])
             return
         mirror = self._mirrors.get(channel)
         if mirror is None:
             return  # no longer followed
-        if not mirror.ready.is_set():
-            mirror.pending.append((kept, offset, frame))
-            return
-        self._accept(channel, mirror, kept, offset, epoch, frame)
+        for offset, kept, frame in publications:
+            if not mirror.ready.is_set():
+                mirror.pending.append((kept, offset, frame))
+            else:
+                self._accept(channel, mirror, kept, offset, epoch, frame)
 
     def _accept(self, channel: str, mirror: Mirror, kept: bool, offset: int, epoch: str,
                 frame: bytes) -> None:
@@ -489,16 +555,19 @@ class RedisEngine:
 
     async def _fill(self, channel: str, mirror: Mirror, before: int) -> None:
         try:
-            entries = await self._xrange(channel, mirror.top, before - 1, count=None)
-        except (RedisUnavailable, trio.TooSlowError):
+            connection = self._connection
+            if connection is None:
+                raise RedisUnavailable(f"Redis at {self.address} is unavailable")
+            entries = await self._entries(connection, channel, after=mirror.top, last=before - 1)
+        except (RedisUnavailable, RedisError, trio.TooSlowError):
             mirror.gap_filling = False
             return  # connecting again re-follows and fills
         mirror.gap_filling = False
         if self._mirrors.get(channel) is not mirror:
             return
         self.gaps_filled += 1
-        for offset, frame, _time in entries:
-            if offset > mirror.top and frame:  # an empty frame: one that was not kept (and is lost)
+        for offset, kept, frame, _time in entries:
+            if mirror.top < offset < before and kept:  # one not kept is not in the stream (lost)
                 self._deliver(channel, mirror, True, offset, frame)
         mirror.top = max(mirror.top, before - 1)
         pending, mirror.pending = mirror.pending, []
@@ -507,20 +576,22 @@ class RedisEngine:
 
     # -- reading history -------------------------------------------------------------
 
-    async def _xrange(self, channel: str, after: int, last: int,
-                      count: int | None) -> list[tuple[int, bytes, int]]:
-        """Stream entries with offsets in ``(after, last]``: (offset, frame, time in ms)."""
-        connection = self._connection
-        if connection is None:
-            raise RedisUnavailable(f"Redis at {self.address} is unavailable")
-        if last <= after:
-            return []
-        args: list[bytes | str | int] = ["XRANGE", self.keys.stream(channel), f"{after + 1}-0", f"{last}-0"]
-        if count is not None:
-            args += ["COUNT", count]
-        with trio.fail_after(COMMAND_TIMEOUT):
-            reply = await connection.execute(*args)
-        return [_entry(entry) for entry in reply]
+    async def _entries(self, connection: RedisConnection, channel: str, *, after: int,
+                       last: int) -> list[tuple[int, bool, bytes, int]]:
+        """The kept publications in ``(after, last]`` still in the stream: (offset, kept, frame, ms)."""
+        out: list[tuple[int, bool, bytes, int]] = []
+        start = f"({after}-0"  # an entry's id is its last offset: the first holding ``after + 1``
+        while after < last:
+            with trio.fail_after(COMMAND_TIMEOUT):
+                reply = await connection.execute("XRANGE", self.keys.stream(channel), start, "+", "COUNT", 64)
+            for entry in reply:
+                for offset, kept, frame, time_ms in _batch(entry):
+                    if after < offset <= last:
+                        out.append((offset, kept, frame, time_ms))
+            if len(reply) < 64 or _entry_offset(reply[-1][0]) >= last:
+                break
+            start = f"({_entry_offset(reply[-1][0])}-0"
+        return out
 
     async def read(self, channel: str, *, after: int, epoch: str | None, limit: int, max_bytes: int,
                    newest: bool = False) -> Replay:
@@ -555,55 +626,78 @@ class RedisEngine:
                           more=False, frames=[])
         if epoch is not None and (epoch != current or after > top):
             return Replay(epoch=current, top=top, after=top, last=top, recovered=False, more=False, frames=[])
-        # Every publication is in the stream (one not kept as an empty placeholder), so the
-        # oldest entry says what was trimmed. Entries past the TTL count as trimmed too: Redis
-        # drops a stream only once it is idle that long.
-        oldest = _entry_offset(first[0][0]) if first else top + 1
+        # Every publication is in the stream (one not kept with an empty frame), so the oldest
+        # entry says what was trimmed. Entries past the TTL count as trimmed too: Redis drops a
+        # stream only once it has been idle that long.
+        oldest = _batch_first(first[0]) if first else top + 1
         start = min(max(after, oldest - 1), top)
-        cutoff = int(clock[0]) * 1000 + int(clock[1]) // 1000 - self._options(channel).history_ttl * 1000
+        ttl_ms = _ttls(self._options(channel))[0]
+        cutoff = int(clock[0]) * 1000 + int(clock[1]) // 1000 - ttl_ms if ttl_ms else 0
         recovered = oldest - 1 <= after <= top
-        want = max(1, min(limit, 1000))
-        args: list[bytes | str | int] = (
-            ["XREVRANGE", stream_key, f"{top}-0", f"({start}-0"] if newest
-            else ["XRANGE", stream_key, f"({start}-0", f"{top}-0"])
-        with trio.fail_after(COMMAND_TIMEOUT):
-            reply = await connection.execute(*args, "COUNT", want)
-        entries = [_entry(entry) for entry in reply]
-        frames: list[bytes] = []
-        size = 0
         if newest:
-            taken = start
-            for offset, frame, time_ms in entries:  # newest first
-                full = bool(frames) and (len(frames) >= limit or size + len(frame) > max_bytes)
-                if time_ms < cutoff or (frame and full):
+            return await self._read_newest(connection, stream_key, current, top, start, recovered, cutoff,
+                                           limit, max_bytes)
+        frames: list[bytes] = []
+        size, covered, more = 0, start, False
+        cursor = f"({start}-0"
+        while covered < top and not more:
+            with trio.fail_after(COMMAND_TIMEOUT):
+                reply = await connection.execute("XRANGE", stream_key, cursor, f"{top}-0",
+                                                  "COUNT", _READ_ENTRIES)
+            if not reply:
+                break
+            for entry in reply:
+                for offset, kept, frame, time_ms in _batch(entry):
+                    if offset <= covered:
+                        continue
+                    if time_ms < cutoff:
+                        recovered = False  # expired: as good as trimmed
+                    elif kept:
+                        if frames and (len(frames) >= limit or size + len(frame) > max_bytes):
+                            more = True
+                            break
+                        frames.append(frame)
+                        size += len(frame)
+                    covered = offset
+                if more:
                     break
-                if frame:
-                    frames.append(frame)
-                    size += len(frame)
-                taken = offset - 1
-            frames.reverse()
-            if taken > start or (len(entries) == want and entries[-1][0] > start + 1):
-                return Replay(epoch=current, top=top, after=max(taken, start), last=top, recovered=False,
-                              more=False, frames=frames)
-            return Replay(epoch=current, top=top, after=start, last=top, recovered=recovered, more=False,
-                          frames=frames)
-        covered, more = start, False
-        for offset, frame, time_ms in entries:  # oldest first
-            if time_ms < cutoff:
-                recovered = False  # expired: as good as trimmed
-                covered = offset
-                continue
-            if frame:
-                if frames and (len(frames) >= limit or size + len(frame) > max_bytes):
-                    more = True
-                    break
-                frames.append(frame)
-                size += len(frame)
-            covered = offset
-        if not more and len(entries) == want and covered < top:
-            more = True
+            cursor = f"({_entry_offset(reply[-1][0])}-0"
         return Replay(epoch=current, top=top, after=start, last=covered if more else top,
                       recovered=recovered, more=more, frames=frames)
+
+    async def _read_newest(self, connection: RedisConnection, stream_key: bytes, epoch: str, top: int,
+                           start: int, recovered: bool, cutoff: int, limit: int, max_bytes: int) -> Replay:
+        """The newest kept publications after ``start`` that fit (a catch-up)."""
+        frames: list[bytes] = []
+        size, taken, full = 0, top, False
+        cursor = "+"
+        while taken > start and not full:
+            with trio.fail_after(COMMAND_TIMEOUT):
+                reply = await connection.execute("XREVRANGE", stream_key, cursor, f"({start}-0",
+                                                  "COUNT", _READ_ENTRIES)
+            if not reply:
+                break
+            for entry in reply:
+                for offset, kept, frame, time_ms in reversed(list(_batch(entry))):
+                    if offset <= start or offset > taken:
+                        continue
+                    if time_ms < cutoff or (kept and frames and (
+                            len(frames) >= limit or size + len(frame) > max_bytes)):
+                        full = True
+                        break
+                    if kept:
+                        frames.append(frame)
+                        size += len(frame)
+                    taken = offset - 1
+                if full:
+                    break
+            cursor = f"({_entry_offset(reply[-1][0])}-0"
+        frames.reverse()
+        if taken > start:  # some were left out: the answer is the newest, not everything
+            return Replay(epoch=epoch, top=top, after=taken, last=top, recovered=False, more=False,
+                          frames=frames)
+        return Replay(epoch=epoch, top=top, after=start, last=top, recovered=recovered, more=False,
+                      frames=frames)
 
     # -- the hub's synchronous view (of followed channels) -----------------------------------
 
@@ -649,15 +743,34 @@ def new_epoch() -> bytes:
     return secrets.token_urlsafe(6).encode()
 
 
+def _ttls(options: ChannelOptions) -> tuple[int, int]:
+    """A channel's stream TTL in ms and its meta hash's in s (0: none, for an infinite history_ttl)."""
+    if not math.isfinite(options.history_ttl):
+        return 0, 0
+    return max(1, math.ceil(options.history_ttl * 1000)), max(META_TTL, math.ceil(options.history_ttl))
+
+
 def _entry_offset(entry_id: bytes) -> int:
+    """The last offset of a stream entry (its id is ``<offset>-0``)."""
     return int(entry_id.split(b"-", 1)[0])
 
 
-def _entry(entry: list[Any]) -> tuple[int, bytes, int]:
-    """(offset, frame, time in ms) of a stream entry (fields ``f`` and ``t``)."""
-    entry_id, fields = entry
-    values = dict(zip(fields[::2], fields[1::2], strict=True))
-    return _entry_offset(entry_id), values[b"f"], int(values[b"t"])
+def _fields(entry: list[Any]) -> dict[bytes, bytes]:
+    fields = entry[1]
+    return dict(zip(fields[::2], fields[1::2], strict=True))
+
+
+def _batch_first(entry: list[Any]) -> int:
+    """The first offset of a stream entry's batch."""
+    return int(_fields(entry)[b"o"])
+
+
+def _batch(entry: list[Any]) -> list[tuple[int, bool, bytes, int]]:
+    """(offset, kept, frame, time in ms) of each publication of a stream entry's batch."""
+    fields = _fields(entry)
+    time_ms = int(fields[b"t"])
+    return [(offset, kept, frame, time_ms)
+            for offset, kept, frame in split_body(fields[b"b"], int(fields[b"o"]))]
 
 
 __all__ = ["EngineUnavailable", "LocalProtocolError", "Mirror", "RedisEngine"]

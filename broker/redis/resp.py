@@ -151,6 +151,27 @@ async def _open_stream(address: RedisAddress) -> trio.abc.Stream:
     return stream
 
 
+class Pending:
+    """Replies on their way (see :meth:`RedisConnection.send`)."""
+
+    def __init__(self, connection: RedisConnection, waiter: _Waiter) -> None:
+        self._connection = connection
+        self._waiter = waiter
+
+    async def replies(self) -> list[Reply]:
+        """The replies, in the order of the commands (a refused one's is a :class:`RedisError`).
+
+        Raises:
+            RedisUnavailable: the connection was lost before all came.
+        """
+        waiter = self._waiter
+        await waiter.done.wait()
+        broken = self._connection._broken
+        if broken is not None and len(waiter.replies) < waiter.wanted:
+            raise broken
+        return waiter.replies
+
+
 class RedisConnection:
     """One Redis connection for commands. Open it with :func:`open_connection`."""
 
@@ -178,6 +199,17 @@ class RedisConnection:
         if isinstance(reply, RedisError):
             raise reply
         return reply
+
+    async def send(self, commands: Sequence[Sequence[Arg]]) -> Pending:
+        """Send ``commands`` in one write and return at once; await the replies with
+        :meth:`Pending.replies`. Writes keep their order, so several may be in flight.
+
+        Raises:
+            RedisUnavailable: the connection is lost.
+        """
+        waiter = _Waiter(len(commands))
+        await self._send(b"".join(encode_command(command) for command in commands), waiter)
+        return Pending(self, waiter)
 
     async def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Reply]:
         """Send ``commands`` in one write; return their replies in order.

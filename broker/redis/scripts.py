@@ -3,61 +3,86 @@
 Keys (the channel in a hash tag, so one channel's keys stay on one Redis Cluster slot):
 
 - ``{prefix}:{<channel>}:meta``: a hash, ``e`` the stream's epoch and ``t`` its top offset;
-- ``{prefix}:{<channel>}:stream``: a Redis stream of the channel's last ``history_size``
-  publications, entry id ``<offset>-0``, fields ``f`` (the complete WebSocket frame, or
-  empty for one emitted with ``persist=False``) and ``t`` (Redis's clock, ms);
-- ``{prefix}:{<channel>}``: the pub/sub channel every publication is published on.
+- ``{prefix}:{<channel>}:stream``: a Redis stream holding the channel's last ``history_size``
+  publications (or a few more), one entry per *batch* (the publications one node sent in one
+  script call): entry id ``<last offset>-0``, fields ``o`` (its first offset), ``t`` (Redis's
+  clock, ms) and ``b`` (the batch's body, below; a publication not kept has an empty frame);
+- ``{prefix}:{<channel>}``: the pub/sub channel every batch is published on, as
+  ``first offset (8 bytes) + epoch length (1) + epoch + body``.
 
-A published message is :data:`MESSAGE_HEADER` (flags, offset), the epoch's length (one
-byte) and the epoch, then the frame. The publisher encodes the frame once with offset
-``2**64 - 1`` as its last field (so the offset is its last eight bytes, msgpack's
-``uint64``); the script writes the real offset there. Every node fans out those very bytes.
+A *body* is the number of publications (4 bytes), one flag byte per publication (``1`` kept
+in history, ``0`` not), then each frame as a 4-byte length and the frame's bytes (all
+integers big-endian). A node publishes everything it has
+queued in one script call: per channel, one ``XADD`` and one ``PUBLISH`` for all of its
+publications, and one ``EVALSHA`` for all channels. (Keys of several channels in one call
+are fine on one Redis; on Redis Cluster the calls would be split by hash slot.)
+
+The publisher encodes each frame once with offset ``2**64 - 1`` as its last field (so the
+offset is its last eight bytes, msgpack's ``uint64``); the script writes the real offset
+there, and every node fans out those very bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Iterator
 
-#: Flags (1 byte: bit 0, kept in history) and offset (8 bytes, big-endian) of a message.
-MESSAGE_HEADER = struct.Struct(">BQ")
 #: The offset the publisher encodes, for the script to overwrite (msgpack ``uint64``).
 OFFSET_PLACEHOLDER = 2**64 - 1
-KEPT = 1
+_U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
 
-# KEYS: meta, stream, pub/sub channel.
-# ARGV: frame (its last 8 bytes the offset), kept ("1"/"0"), history_size, history_ttl (ms),
-#       meta_ttl (s), an epoch for a new stream.
-# Returns {epoch, offset}.
+# KEYS: meta, stream and pub/sub channel of each channel published on, in turn.
+# ARGV: an epoch for a new stream, then for each channel: history_size, history_ttl (ms; 0:
+#       none), meta_ttl (s; 0: none), the flags ("1"/"0" per publication), then its frames
+#       (each's last 8 bytes its offset).
+# Returns {epoch, top offset} for each channel, one after the other.
 PUBLISH = r"""
-local meta, stream, channel = KEYS[1], KEYS[2], KEYS[3]
-local frame, kept = ARGV[1], ARGV[2] == "1"
-local size, ttl, meta_ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local epoch = redis.call("HGET", meta, "e")
-if not epoch then
-  epoch = ARGV[6]
-  redis.call("DEL", stream)
-  redis.call("HSET", meta, "e", epoch)
+local pack = struct.pack
+local now = redis.call("TIME")
+local ms = string.format("%d", tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000))
+local result = {}
+local a = 2
+for k = 1, #KEYS, 3 do
+  local meta, stream, channel = KEYS[k], KEYS[k + 1], KEYS[k + 2]
+  local size, ttl, meta_ttl = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local flags = ARGV[a + 3]
+  local n = #flags
+  local epoch = redis.call("HGET", meta, "e")
+  if not epoch then
+    epoch = ARGV[1]
+    redis.call("DEL", stream)
+    redis.call("HSET", meta, "e", epoch)
+  end
+  local top = redis.call("HINCRBY", meta, "t", n)
+  if meta_ttl > 0 then redis.call("EXPIRE", meta, meta_ttl) else redis.call("PERSIST", meta) end
+  local first = top - n + 1
+  local live, kept = {pack(">I4", n), flags}, {pack(">I4", n), flags}
+  for i = 1, n do
+    local frame = string.sub(ARGV[a + 3 + i], 1, -9) .. pack(">I8", first + i - 1)
+    local length = pack(">I4", #frame)
+    live[#live + 1] = length
+    live[#live + 1] = frame
+    if string.byte(flags, i) == 49 then
+      kept[#kept + 1] = length
+      kept[#kept + 1] = frame
+    else
+      kept[#kept + 1] = "\0\0\0\0"
+    end
+  end
+  a = a + 4 + n
+  if size > 0 then
+    local oldest = math.max(1, top - size + 1)
+    redis.call("XADD", stream, "MINID", string.format("%d-0", oldest), string.format("%d-0", top),
+               "o", string.format("%d", first), "t", ms, "b", table.concat(kept))
+    if ttl > 0 then redis.call("PEXPIRE", stream, ttl) else redis.call("PERSIST", stream) end
+  end
+  redis.call("PUBLISH", channel, pack(">I8", first) .. string.char(#epoch) .. epoch .. table.concat(live))
+  result[#result + 1] = epoch
+  result[#result + 1] = top
 end
-local top = redis.call("HINCRBY", meta, "t", 1)
-redis.call("EXPIRE", meta, meta_ttl)
-local bytes, n = {}, top
-for i = 8, 1, -1 do
-  bytes[i] = string.char(n % 256)
-  n = math.floor(n / 256)
-end
-local offset = table.concat(bytes)
-frame = string.sub(frame, 1, -9) .. offset
-if size > 0 then
-  -- A publication not kept leaves an empty placeholder, so the oldest entry tells what was trimmed.
-  local now = redis.call("TIME")
-  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-  redis.call("XADD", stream, "MAXLEN", size, string.format("%d-0", top), "f", kept and frame or "", "t", ms)
-  redis.call("PEXPIRE", stream, ttl)
-end
-local flags = kept and "\1" or "\0"
-redis.call("PUBLISH", channel, flags .. offset .. string.char(#epoch) .. epoch .. frame)
-return {epoch, top}
+return result
 """
 PUBLISH_SHA = hashlib.sha1(PUBLISH.encode()).hexdigest()
 
@@ -83,16 +108,38 @@ class Keys:
         return pubsub[self._pubsub_start:-1].decode()
 
 
-def parse_message(message: bytes) -> tuple[bool, int, str, bytes]:
-    """``(kept, offset, epoch, frame)`` of a published message.
+def split_body(body: bytes, first: int) -> Iterator[tuple[int, bool, bytes]]:
+    """``(offset, kept, frame)`` of each publication in a batch body (see the module notes).
+
+    Raises:
+        ValueError: the body is not one the script wrote.
+    """
+    if len(body) < 4:
+        raise ValueError("a batch body shorter than its count")
+    (count,) = _U32.unpack_from(body)
+    flags, position = body[4:4 + count], 4 + count
+    for i in range(count):
+        if position + 4 > len(body):
+            raise ValueError("a batch body cut short")
+        (length,) = _U32.unpack_from(body, position)
+        position += 4
+        frame = body[position:position + length]
+        if len(frame) != length:
+            raise ValueError("a batch body cut short")
+        position += length
+        yield first + i, flags[i] == 0x31, frame
+    if position != len(body):
+        raise ValueError("a batch body with bytes after its frames")
+
+
+def parse_message(message: bytes) -> tuple[int, str, bytes]:
+    """``(first offset, epoch, body)`` of a published batch.
 
     Raises:
         ValueError: the message is not one the script wrote.
     """
-    if len(message) < MESSAGE_HEADER.size + 1:
+    if len(message) < 9:
         raise ValueError("a message shorter than its header")
-    flags, offset = MESSAGE_HEADER.unpack_from(message)
-    start = MESSAGE_HEADER.size + 1
-    end = start + message[MESSAGE_HEADER.size]
-    epoch = message[start:end].decode("ascii")
-    return bool(flags & KEPT), offset, epoch, message[end:]
+    (first,) = _U64.unpack_from(message)
+    end = 9 + message[8]
+    return first, message[9:end].decode("ascii"), message[end:]

@@ -1,4 +1,4 @@
-"""Fixtures: a private redis-server per test (see :mod:`tests.redisproc`)."""
+"""Fixtures: a private redis-server per test (see :mod:`bench.redisproc`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.redisproc import RedisServer
+from bench.redisproc import RedisServer
 
 
 @pytest.fixture

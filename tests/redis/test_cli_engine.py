@@ -10,7 +10,7 @@ import urllib.request
 import trio
 
 from tests.broker.test_cli import TOKENFAN, read_line, stderr_lines, stop
-from tests.redisproc import RedisServer, free_port
+from bench.redisproc import RedisServer, free_port
 
 
 async def test_two_serve_processes_share_channels(redis_server: RedisServer) -> None:

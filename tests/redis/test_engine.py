@@ -16,7 +16,7 @@ import protocol as p
 from broker import Broker, Config, ConfigError, EngineUnavailable
 from broker.client import Event, StreamLost, Subscribed, Subscription, connect
 from tests.broker.conftest import ONE_ADDRESS_MANY_CLIENTS
-from tests.redisproc import RedisServer
+from bench.redisproc import RedisServer
 
 StartNode = Callable[..., Awaitable[Broker]]
 

@@ -13,7 +13,7 @@ from broker.redis.resp import (
     open_connection,
     open_pubsub,
 )
-from tests.redisproc import RedisServer
+from bench.redisproc import RedisServer
 
 
 def test_address_parsing() -> None:

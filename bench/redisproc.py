@@ -1,4 +1,4 @@
-"""A private ``redis-server`` for a test: its own free loopback port and directory, stopped after.
+"""A private ``redis-server`` for a test or a bench run: its own free loopback port and directory.
 
 Never the machine's shared Redis on 6379: each server gets a port the kernel
 has just said is free, a temporary directory and, unless asked, no persistence.
@@ -46,8 +46,8 @@ class RedisServer:
         credentials = f":{self.password}@" if self.password else ""
         return f"redis://{credentials}127.0.0.1:{self.port}/0"
 
-    def start(self, *, port: int | None = None) -> None:
-        """Start (again, on the same port and directory, if it ran before)."""
+    def start(self, *, port: int | None = None, core: int | None = None) -> None:
+        """Start (again, on the same port and directory, if it ran before); pinned to ``core``."""
         for _attempt in range(5):
             self.port = port or self.port or free_port()
             args = [redis_server_path(), "--port", str(self.port), "--bind", "127.0.0.1",
@@ -58,6 +58,9 @@ class RedisServer:
             self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                             stderr=subprocess.DEVNULL)
             if self._wait_ready():
+                if core is not None:
+                    usable = sorted(os.sched_getaffinity(0))
+                    os.sched_setaffinity(self.process.pid, {usable[core % len(usable)]})
                 return
             self.kill()
             if port is not None:
