@@ -408,7 +408,7 @@ async def _ai_chat(broker: Broker, call: Call) -> bytes:
             raise ApiError(403, "users may not choose the model or provider; the broker's are used "
                                 "(an app's API key may)")
         _limit_ai_rate(broker, call)
-        generation = broker.ai.start(chat)
+        generation = await broker.ai.start(chat)
     except ChatRejected as exc:
         raise ApiError(exc.status, exc.message) from None
     if not chat.wait:
@@ -427,7 +427,17 @@ async def _ai_cancel(broker: Broker, call: Call) -> bytes:
         raise ApiError(400, 'body must be an object like {"sessionId": "..."}')
     _may_use_ai(call, session_id)
     _limit_ai_rate(broker, call)
-    return response(200, json_body({"ok": True, "cancelled": broker.ai.cancel(session_id)}))
+    shared = broker.ai.shared
+    if shared is None:
+        return response(200, json_body({"ok": True, "cancelled": broker.ai.cancel(session_id)}))
+    # On Redis the answer may run on any node: the stop is published on its channel, which
+    # that node follows while it answers.
+    try:
+        running = await shared.answering(session_id)
+        await broker.publish(CHANNEL_PREFIX + session_id, "ai:cancel", {}, validate=False)
+    except EngineUnavailable as exc:
+        raise _unavailable(exc) from None
+    return response(200, json_body({"ok": True, "cancelled": running}))
 
 
 #: Lifetime of the demo page's tokens; the page asks for a fresh one before it ends.

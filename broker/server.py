@@ -36,6 +36,7 @@ import trio
 import protocol as p
 from broker.admission import HttpPhaseGate
 from broker.ai.sessions import CHANNEL_PREFIX, AiService
+from broker.ai.shared import SharedAnswers
 from broker.auth import Authenticator
 from broker.backlog import Backlog, BacklogStatistics
 from broker.config import ChannelOptions, Config, ConfigError
@@ -99,10 +100,12 @@ class Broker:
                                                    prefix=self.config.redis_prefix)
         self.hub = Hub(self.engine, batching=self.config.batching)
         if self.redis is not None:
-            self.redis.deliver = self.hub.deliver
+            self.redis.deliver = self._delivered
             self.redis.restarted = self._stream_restarted
         self.backlog = Backlog(self.channel_options)
         self.ai = AiService(self)
+        if self.redis is not None:
+            self.ai.shared = SharedAnswers(self.redis, self._publish_lost)
         self.connections: set[WsConnection] = set()
         self._by_outbox: dict[Outbox, WsConnection] = {}  # the connection each subscriber outbox is of
         self.port: int | None = None
@@ -250,6 +253,18 @@ class Broker:
         if persist is None:
             persist = self.channel_options(channel).persist
         return data, persist, is_cancel
+
+    def _delivered(self, channel: str, frame: bytes) -> None:
+        """A publication from Redis (made on any node): fan it out here; on an AI chat channel,
+        note answers starting and ending, and stop the answer this node runs when asked to."""
+        self.hub.deliver(channel, frame)
+        shared = self.ai.shared
+        if (shared is not None and channel.startswith(CHANNEL_PREFIX)
+                and shared.observe(channel, frame) == "ai:cancel"):
+            self.ai.cancel(channel[len(CHANNEL_PREFIX):])
+
+    async def _publish_lost(self, channel: str, data: dict[str, str]) -> None:
+        await self.publish(channel, "ai:error", data, validate=False)
 
     def _stream_restarted(self, channel: str) -> None:
         """The engine lost ``channel``'s stream (Redis restarted without persistence): its

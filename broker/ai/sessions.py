@@ -19,6 +19,12 @@ provider and its upstream request; the channel gets ``ai:done {"reason":
 Each session keeps its conversation (user and assistant turns) so follow-ups
 have context: at most ``MAX_TURNS`` turns and ``MAX_CONVERSATION_BYTES`` of
 text (oldest turns dropped first), forgotten after ``SESSION_TTL`` unused.
+
+On the Redis engine (:attr:`AiService.shared`) the session's claim and its
+conversation live in Redis, so one answer runs per session across all nodes,
+a follow-up has its context on any node, a stop reaches the node running the
+answer, and watchers hear ``generator_lost`` if that node dies: see
+:mod:`broker.ai.shared`.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import trio
 from broker.ai.demo import DemoProvider
 from broker.ai.openai import OpenAIProvider
 from broker.ai.providers import ChatMessage, Provider, ProviderError
+from broker.ai.shared import CLAIM_TTL, SharedAnswers
 from broker.errors import EngineUnavailable
 from broker.groups import first_leaf
 from protocol import channel_problem
@@ -50,6 +57,8 @@ MAX_TURNS = 20
 MAX_CONVERSATION_BYTES = 64 * 1024
 SESSION_TTL = 3600.0
 MAX_SESSIONS = 10_000
+#: How long an ended answer may take to save its conversation and release its claim in Redis.
+SHARED_CLEANUP_SECONDS = 5.0
 
 
 class ChatRejected(Exception):
@@ -94,6 +103,8 @@ class Generation:
     result: ChatResult | None = None
     cancel_requested: bool = False
     shutting_down: bool = False
+    claim: str | None = None  #: the session's claim in Redis (the Redis engine), while it runs
+    claim_lost: bool = False
 
 
 @dataclass(slots=True)
@@ -153,10 +164,14 @@ class AiService:
         self._idle = trio.Event()
         self._idle.set()
         self._nursery: trio.Nursery | None = None
+        #: Claims and conversations in Redis (the Redis engine); None on the memory engine.
+        self.shared: SharedAnswers | None = None
 
     def attach(self, nursery: trio.Nursery) -> None:
         """Run generations in ``nursery`` (the broker's)."""
         self._nursery = nursery
+        if self.shared is not None:
+            nursery.start_soon(self.shared.run_watchdog)
 
     @property
     def running(self) -> int:
@@ -166,27 +181,36 @@ class AiService:
         session = self._sessions.get(session_id)
         return [] if session is None else list(session.turns)
 
-    def start(self, request: ChatRequest) -> Generation:
+    async def start(self, request: ChatRequest) -> Generation:
         """Start answering ``request`` on its channel; return the running generation.
 
         Raises:
-            ChatRejected: 400 unknown provider, 409 the session is answering, 429 too many at once,
-                503 the broker is not serving.
+            ChatRejected: 400 unknown provider, 409 the session is answering (on any node), 429 too
+                many at once, 503 the broker is not serving (or cannot reach its Redis).
         """
-        config = self._broker.config
         name = request.provider or self.default_provider
         provider = self.providers.get(name)
         if provider is None:
             raise ChatRejected(400, f"unknown provider {name!r}; known: {', '.join(sorted(self.providers))}")
+        self._check_room(request)
+        shared, claim = self.shared, None
+        if shared is not None:
+            try:
+                claim = await shared.claim(request.session_id)
+                if claim is None:
+                    raise ChatRejected(409, f"session {request.session_id} is already answering (on another "
+                                            "node); cancel it (POST /ai/cancel) or wait for ai:done")
+                turns = await shared.load_turns(request.session_id)
+            except EngineUnavailable as exc:
+                raise ChatRejected(503, f"the broker cannot reach its Redis now ({exc}); "
+                                        "retry later") from None
+            try:
+                self._check_room(request)  # again: the checks above were before the awaits
+            except ChatRejected:
+                with trio.CancelScope(shield=True), contextlib.suppress(EngineUnavailable):
+                    await shared.release(request.session_id, claim)
+                raise
         session = self._sessions.get(request.session_id)
-        if session is not None and session.generation is not None:
-            raise ChatRejected(409, f"session {request.session_id} is already answering; "
-                                    f"cancel it (POST /ai/cancel) or wait for ai:done")
-        if self._running >= config.ai_max_generations:
-            raise ChatRejected(429, f"{self._running} answers are streaming, the most this broker runs "
-                                    "at once (ai_max_generations); retry later")
-        if self._nursery is None:
-            raise ChatRejected(503, "the broker is not serving")
         if session is None:
             session = self._sessions[request.session_id] = _Session()
             while len(self._sessions) > MAX_SESSIONS:
@@ -196,13 +220,28 @@ class AiService:
                 self._forget(oldest)
         self._sessions.move_to_end(request.session_id)
         session.last_used = trio.current_time()
-        generation = session.generation = Generation(channel=request.channel)
-        generation.scope.deadline = trio.current_time() + config.ai_time_limit
+        if shared is not None:
+            self._set_turns(session, turns)
+        generation = session.generation = Generation(channel=request.channel, claim=claim)
+        generation.scope.deadline = trio.current_time() + self._broker.config.ai_time_limit
         self._running += 1
         if self._idle.is_set():
             self._idle = trio.Event()
+        assert self._nursery is not None  # _check_room said so, with no await since
         self._nursery.start_soon(self._generate, request, session, provider, generation)
         return generation
+
+    def _check_room(self, request: ChatRequest) -> None:
+        """Refuse a second answer for the session here, or one past ``ai_max_generations``."""
+        session = self._sessions.get(request.session_id)
+        if session is not None and session.generation is not None:
+            raise ChatRejected(409, f"session {request.session_id} is already answering; "
+                                    f"cancel it (POST /ai/cancel) or wait for ai:done")
+        if self._running >= self._broker.config.ai_max_generations:
+            raise ChatRejected(429, f"{self._running} answers are streaming, the most this broker runs "
+                                    "at once (ai_max_generations); retry later")
+        if self._nursery is None:
+            raise ChatRejected(503, "the broker is not serving")
 
     def cancel(self, session_id: str) -> bool:
         """Stop the session's running answer (its channel gets ``ai:done`` cancelled). False if none."""
@@ -239,6 +278,43 @@ class AiService:
 
     async def _generate(self, request: ChatRequest, session: _Session, provider: Provider,
                         generation: Generation) -> None:
+        shared, claim = self.shared, generation.claim
+        if shared is None or claim is None:
+            await self._answer(request, session, provider, generation)
+            return
+        broker, session_id = self._broker, request.session_id
+        try:
+            async with trio.open_nursery() as nursery:
+                # Follow the channel while answering: a stop published on any node reaches us.
+                with contextlib.suppress(EngineUnavailable):
+                    await broker.follow(request.channel)
+                nursery.start_soon(self._keep_claim, shared, session_id, claim, generation)
+                await self._answer(request, session, provider, generation)
+                nursery.cancel_scope.cancel()
+        finally:
+            broker.unfollow(request.channel)
+            with trio.move_on_after(SHARED_CLEANUP_SECONDS, shield=True), \
+                    contextlib.suppress(EngineUnavailable):
+                if generation.result is not None and generation.result.error is None:
+                    await shared.save_turns(session_id, session.turns)
+                await shared.release(session_id, claim)
+
+    async def _keep_claim(self, shared: SharedAnswers, session_id: str, claim: str,
+                          generation: Generation) -> None:
+        """Renew the session's claim while the answer runs; stop the answer if it is lost."""
+        while True:
+            await trio.sleep(CLAIM_TTL / 3)
+            try:
+                kept = await shared.renew(session_id, claim)
+            except EngineUnavailable:
+                continue  # Redis is away: the claim may outlive this, or expire (then others say so)
+            if not kept:
+                generation.claim_lost = True
+                generation.scope.cancel()
+                return
+
+    async def _answer(self, request: ChatRequest, session: _Session, provider: Provider,
+                      generation: Generation) -> None:
         broker, channel = self._broker, request.channel
         config = broker.config
         model = request.model or provider.default_model
@@ -264,7 +340,11 @@ class AiService:
                 except* ProviderError as group:
                     error = first_leaf(group)
             if generation.scope.cancelled_caught:
-                if generation.shutting_down:
+                if generation.claim_lost:
+                    error = ProviderError("generator_lost", "this answer's claim in Redis expired (another "
+                                                            "node may have reported it lost); ask again",
+                                          status=503)
+                elif generation.shutting_down:
                     error = ProviderError("shutting_down", "the broker is shutting down; ask again",
                                           status=503)
                 elif generation.cancel_requested:
@@ -343,12 +423,15 @@ class AiService:
 
     def _remember(self, session: _Session, question: str, answer: str) -> None:
         """Keep a turn of the conversation (the oldest go past the caps), charged to ``memory_limit``."""
-        turns = session.turns
-        turns.append(ChatMessage(role="user", content=question))
-        turns.append(ChatMessage(role="assistant", content=answer))
+        self._set_turns(session, [*session.turns, ChatMessage(role="user", content=question),
+                                  ChatMessage(role="assistant", content=answer)])
+
+    def _set_turns(self, session: _Session, turns: list[ChatMessage]) -> None:
+        """Make ``turns`` the session's conversation, within the caps, charged to ``memory_limit``."""
         while turns and (len(turns) > MAX_TURNS
                          or sum(len(t.content) for t in turns) > MAX_CONVERSATION_BYTES):
             del turns[:2]
+        session.turns = turns
         size = sum(sys.getsizeof(t.content) + TURN_OVERHEAD for t in turns)  # 1-4 bytes a character
         self._broker.memory.change(size - session.size)
         session.size = size

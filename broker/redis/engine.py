@@ -420,6 +420,40 @@ class RedisEngine:
             elif isinstance(result, BaseException):
                 log.warning("a publication on %s was lost: %s", item.channel, result)
 
+    # -- other commands ---------------------------------------------------------------
+
+    async def call(self, *args: bytes | str | int) -> Any:
+        """One command on the node's command connection (for the AI path's keys).
+
+        Raises:
+            EngineUnavailable: Redis is unavailable, or refused the command.
+        """
+        [reply] = await self.pipeline([args])
+        return reply
+
+    async def pipeline(self, commands: list[Any]) -> list[Any]:
+        """Commands in one write; their replies.
+
+        Raises:
+            EngineUnavailable: Redis is unavailable, or refused one of them.
+        """
+        connection = self._connection
+        if connection is None:
+            raise EngineUnavailable(f"Redis at {self.address} is unavailable")
+        try:
+            with trio.fail_after(COMMAND_TIMEOUT):
+                replies = await connection.pipeline(commands)
+        except (RedisUnavailable, trio.TooSlowError) as exc:
+            raise EngineUnavailable(f"Redis at {self.address} is unavailable: {exc}") from None
+        for reply in replies:
+            if isinstance(reply, RedisError):
+                raise EngineUnavailable(f"Redis refused a command: {reply}")
+        return replies
+
+    def follows(self, channel: str) -> bool:
+        """Whether this node follows ``channel`` now."""
+        return channel in self._mirrors
+
     # -- following channels ------------------------------------------------------------
 
     async def lease(self, channel: str) -> None:

@@ -9,8 +9,8 @@ import urllib.request
 
 import trio
 
-from tests.broker.test_cli import TOKENFAN, read_line, stderr_lines, stop
 from bench.redisproc import RedisServer, free_port
+from tests.broker.test_cli import TOKENFAN, read_line, stderr_lines, stop
 
 
 async def test_two_serve_processes_share_channels(redis_server: RedisServer) -> None:

@@ -5,57 +5,17 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import pytest
 import trio
 import trio.lowlevel
 
 import protocol as p
-from broker import Broker, Config, ConfigError, EngineUnavailable
-from broker.client import Event, StreamLost, Subscribed, Subscription, connect
-from tests.broker.conftest import ONE_ADDRESS_MANY_CLIENTS
 from bench.redisproc import RedisServer
-
-StartNode = Callable[..., Awaitable[Broker]]
-
-
-@pytest.fixture
-def start_node(nursery: trio.Nursery, redis_server: RedisServer) -> StartNode:
-    """Start a broker on the test's Redis (``Config(port=0, engine=..., **overrides)``)."""
-
-    async def start(**overrides: Any) -> Broker:
-        settings = {**ONE_ADDRESS_MANY_CLIENTS, "engine": redis_server.url, **overrides}
-        node = Broker(Config(port=0, **settings))
-        await nursery.start(node.serve)
-        return node
-
-    return start
-
-
-def ws(node: Broker) -> str:
-    return f"ws://127.0.0.1:{node.port}/ws"
-
-
-def post(node: Broker, path: str, payload: object) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(f"http://127.0.0.1:{node.port}{path}", json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        return error.code, json.load(error)
-
-
-async def take(sub: Subscription, count: int, seconds: float = 10) -> list[Event]:
-    events: list[Event] = []
-    with trio.fail_after(seconds):
-        async for event in sub:
-            events.append(event)
-            if len(events) == count:
-                break
-    return events
+from broker import Broker, Config, ConfigError, EngineUnavailable
+from broker.client import StreamLost, Subscribed, connect
+from tests.broker.conftest import ONE_ADDRESS_MANY_CLIENTS
+from tests.redis.nodes import StartNode, post, take, ws
 
 
 async def test_a_publication_on_one_node_reaches_subscribers_on_every_node(start_node: StartNode) -> None:
@@ -178,7 +138,8 @@ async def redis_command(server: RedisServer, *args: str | int) -> object:
         return await redis.execute(*args)
 
 
-async def test_a_cut_pubsub_connection_loses_nothing(start_node: StartNode, redis_server: RedisServer) -> None:
+async def test_a_cut_pubsub_connection_loses_nothing(start_node: StartNode,
+                                                     redis_server: RedisServer) -> None:
     """Redis drops the node's subscriber connection mid-stream: it follows again and reads what it
     missed from the stream, so its subscribers see every publication once, in order."""
     watching, emitting = await start_node(), await start_node()
@@ -199,7 +160,8 @@ async def test_a_cut_pubsub_connection_loses_nothing(start_node: StartNode, redi
     assert watching.redis is not None and watching.redis.gaps_filled >= 1
 
 
-async def test_redis_away_for_two_seconds_mid_stream(start_node: StartNode, redis_server: RedisServer) -> None:
+async def test_redis_away_for_two_seconds_mid_stream(start_node: StartNode,
+                                                     redis_server: RedisServer) -> None:
     """Emits fail clearly while Redis is away. Redis comes back empty (no persistence): the stream
     began again, so the subscriber is told to reconnect (bye 4105), and the client, resubscribing,
     hears ``recovered: false`` and the new epoch. Nothing arrives twice or out of order."""
@@ -207,8 +169,15 @@ async def test_redis_away_for_two_seconds_mid_stream(start_node: StartNode, redi
     published: list[tuple[str, int]] = []
     refused = 0
     said: list[Subscribed] = []
+    resubscribed = trio.Event()
+
+    def on_subscribed(subscribed: Subscribed) -> None:
+        said.append(subscribed)
+        if subscribed.resubscribed:
+            resubscribed.set()
+
     async with connect(ws(node)) as client:
-        sub = client.channel("ai-chat/away").on_subscribed(said.append)
+        sub = client.channel("ai-chat/away").on_subscribed(on_subscribed)
         await sub.subscribe()
         for n in range(20):
             pub = await node.emit("ai-chat/away", "tick", {"n": n})
@@ -224,8 +193,7 @@ async def test_redis_away_for_two_seconds_mid_stream(start_node: StartNode, redi
         await trio.sleep(2)
         redis_server.start(port=redis_server.port)
         with trio.fail_after(15):
-            while not (len(said) == 2 and said[1].resubscribed):
-                await trio.sleep(0.05)
+            await resubscribed.wait()
         for n in range(20, 30):
             pub = await node.emit("ai-chat/away", "tick", {"n": n})
             published.append((pub.epoch, pub.offset))

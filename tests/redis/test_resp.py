@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 
+from bench.redisproc import RedisServer
 from broker.redis.resp import (
     RedisAddress,
     RedisError,
@@ -13,7 +14,6 @@ from broker.redis.resp import (
     open_connection,
     open_pubsub,
 )
-from bench.redisproc import RedisServer
 
 
 def test_address_parsing() -> None:
