@@ -82,9 +82,9 @@ async def test_a_replay_of_many_pages_racing_publications_arrives_exactly_once(
     """Read in steps, a recovery still gets every publication once, in order, live ones included."""
     broker = await start_broker(outbox_limit=4 * 1024 * 1024)
     tokens = [f"<{index}:" + "t" * 300 + ">" for index in range(6000)]
-    for token in tokens[:3000]:  # about 1 MB: four pages of history
+    for token in tokens[:2999]:  # about 1 MB: four pages of history
         broker.emit_nowait("ai-chat/pages", "ai:token", {"token": token})
-    epoch, _ = broker.engine.position("ai-chat/pages")
+    epoch = (await broker.emit("ai-chat/pages", "ai:token", {"token": tokens[2999]})).epoch  # all are out
 
     async def publish_the_rest() -> None:
         for token in tokens[3000:]:
@@ -109,9 +109,10 @@ async def test_a_replay_of_many_pages_racing_publications_arrives_exactly_once(
 async def test_an_exact_recovery_that_cannot_fit_says_so_and_replays_nothing(
         start_broker: StartBroker) -> None:
     broker = await start_broker()  # room for a replay: half of 1 MiB
-    for index in range(1500):  # 1.5 MB of events that cannot be coalesced
+    for index in range(1499):  # 1.5 MB of events that cannot be coalesced
         broker.emit_nowait("ai-chat/wide", "x", {"n": index, "pad": "p" * 1000})
-    epoch, top = broker.engine.position("ai-chat/wide")
+    last = await broker.emit("ai-chat/wide", "x", {"n": 1499, "pad": "p" * 1000})
+    epoch, top = last.epoch, last.offset
     async with connect(f"ws://127.0.0.1:{broker.port}/ws", reconnect=False) as client:
         sub = await client.subscribe("ai-chat/wide", since=p.Position(o=0, ep=epoch))
         assert not sub.recovered and sub.offset == top
@@ -124,8 +125,7 @@ async def test_an_exact_recovery_that_cannot_fit_says_so_and_replays_nothing(
 async def test_a_publication_larger_than_a_page_is_replayed(start_broker: StartBroker) -> None:
     broker = await start_broker(outbox_limit=4 * 1024 * 1024)
     broker.emit_nowait("ai-chat/huge", "x", {"pad": "h" * 300_000})  # more than a replay page alone
-    broker.emit_nowait("ai-chat/huge", "x", {"pad": "after"})
-    epoch, _ = broker.engine.position("ai-chat/huge")
+    epoch = (await broker.emit("ai-chat/huge", "x", {"pad": "after"})).epoch
     async with connect(f"ws://127.0.0.1:{broker.port}/ws", reconnect=False) as client:
         with trio.fail_after(5):
             sub = await client.subscribe("ai-chat/huge", since=p.Position(o=0, ep=epoch))

@@ -72,17 +72,17 @@ async def test_reconnect_with_since_gets_exactly_what_was_missed(broker: Broker)
 
 async def test_unrecoverable_positions_get_recovered_false_and_no_replay(start_broker: StartBroker) -> None:
     broker = await start_broker(channels={"h/*": ChannelOptions(history_size=3)})
-    epoch = ""
+    epoch, top = "", 0
     for i in range(10):
-        epoch = (await broker.publish("h/1", "e", i)).epoch
+        pub = await broker.publish("h/1", "e", i)
+        epoch, top = pub.epoch, pub.offset
     async with connect(ws_url(broker)) as client:
         for since in (p.Position(o=2, ep=epoch),  # trimmed: only 8, 9, 10 are kept
                       p.Position(o=8, ep="another-epoch"),  # stale epoch
                       p.Position(o=1000, ep=epoch)):  # from the future
-            top = broker.engine.position("h/1")[1]
             sub = await client.subscribe("h/1", since=since)
             assert (sub.recovered, sub.offset, sub.epoch) == (False, top, epoch)
-            broker.emit_nowait("h/1", "e", "live")
+            top = (await broker.emit("h/1", "e", "live")).offset
             (event,) = await take(sub, 1)
             assert event.data == "live"  # nothing was replayed before it
             await sub.unsubscribe()
@@ -96,7 +96,7 @@ async def test_unrecoverable_positions_get_recovered_false_and_no_replay(start_b
 async def test_catching_up_without_an_epoch_gets_the_stream_so_far(broker: Broker) -> None:
     channel = "ai-chat/late"
     for word in ["The", " answer", " so", " far"]:
-        broker.emit_nowait(channel, "ai:token", {"token": word})
+        await broker.emit(channel, "ai:token", {"token": word})
     async with connect(ws_url(broker)) as client:
         told: list[Subscribed] = []
         late = await client.channel(channel).on_subscribed(told.append).subscribe(since=p.Position(o=0))
@@ -111,7 +111,7 @@ async def test_catching_up_without_an_epoch_gets_the_stream_so_far(broker: Broke
 async def test_catching_up_past_trimmed_history_gets_what_is_kept(start_broker: StartBroker) -> None:
     broker = await start_broker(channels={"h/*": ChannelOptions(history_size=3)})
     for i in range(6):
-        broker.emit_nowait("h/x", "e", i)
+        await broker.emit("h/x", "e", i)
     async with connect(ws_url(broker)) as client:
         sub = await client.subscribe("h/x", since=p.Position(o=0))
         assert not sub.recovered  # offsets 1-3 were trimmed

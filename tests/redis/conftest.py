@@ -35,3 +35,14 @@ def start_node(nursery: trio.Nursery, redis_server: RedisServer) -> StartNode:
         return node
 
     return start
+
+
+@pytest.fixture
+def start_broker(start_node: StartNode) -> StartNode:
+    """The memory engine's suites' fixture, on Redis: each broker a node on the test's Redis."""
+    return start_node
+
+
+@pytest.fixture
+async def broker(start_node: StartNode) -> Broker:
+    return await start_node()
