@@ -78,6 +78,8 @@ MIRROR_BYTES = 256 * 1024
 META_TTL = 24 * 3600
 #: Wait before connecting again after Redis was lost: doubles from the first to the last.
 RECONNECT_BACKOFF = (0.05, 2.0)
+#: How long a publication or a new subscription waits for a connection being opened again.
+RECONNECT_WAIT = 1.0
 #: Least time between two warnings that Redis is away.
 WARN_EVERY = 30.0
 #: Stream entries (batches) read by one XRANGE.
@@ -168,6 +170,8 @@ class RedisEngine:
         self._connection: RedisConnection | None = None
         self._pubsub: PubSub | None = None
         self._connected_once = False
+        self._connected = trio.Event()  # set while the command connection is up
+        self._following = trio.Event()  # set while the pub/sub connection is up and channels followed
         self._warned = -math.inf
         self._nursery: trio.Nursery | None = None
         self.published = 0
@@ -197,6 +201,7 @@ class RedisEngine:
                 lost = first_leaf(group)
             finally:
                 self._connection = self._pubsub = self._nursery = None
+                self._connected, self._following = trio.Event(), trio.Event()
                 self._fail_queued(EngineUnavailable(f"Redis at {self.address} is unavailable"))
                 for mirror in self._mirrors.values():
                     mirror.follows = False
@@ -214,20 +219,41 @@ class RedisEngine:
                 delay = RECONNECT_BACKOFF[0]
 
     async def _session(self, started: list[bool], task_status: trio.TaskStatus[None]) -> None:
-        """One pair of connections, from connecting to losing either (which raises)."""
+        """One command connection, from connecting to losing it (which raises).
+
+        The pub/sub connection lives inside it: when only that one is lost (Redis cut it, say),
+        it is opened again and the channels followed again, while publishing goes on.
+        """
         self._connected_once = False
-        async with open_connection(self.address) as connection, \
-                open_pubsub(self.address, self._on_message) as pubsub, \
-                trio.open_nursery() as nursery:
+        async with open_connection(self.address) as connection, trio.open_nursery() as nursery:
             await connection.execute("SCRIPT", "LOAD", PUBLISH)
-            self._connection, self._pubsub, self._nursery = connection, pubsub, nursery
-            await self._follow_again()
-            self._connected_once = True
-            if not started:
-                started.append(True)
-                task_status.started()
+            self._connection, self._nursery = connection, nursery
+            self._connected.set()
             nursery.start_soon(self._publisher, connection)
-            await self._watch(connection, pubsub)
+            delay = RECONNECT_BACKOFF[0]
+            while True:
+                try:
+                    async with open_pubsub(self.address, self._on_message) as pubsub:
+                        self._pubsub = pubsub
+                        await self._follow_again()
+                        self._following.set()
+                        self._connected_once = True
+                        delay = RECONNECT_BACKOFF[0]
+                        if not started:
+                            started.append(True)
+                            task_status.started()
+                        await self._watch(connection, pubsub)
+                except* (RedisUnavailable, trio.TooSlowError):
+                    if connection.broken or not started:
+                        raise  # the command connection too: the session is over
+                finally:
+                    self._pubsub = None
+                    self._following = trio.Event()
+                    for mirror in self._mirrors.values():
+                        mirror.follows = False
+                self.errors += 1
+                await trio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_BACKOFF[1])
 
     @staticmethod
     async def _watch(connection: RedisConnection, pubsub: PubSub) -> None:
@@ -276,8 +302,7 @@ class RedisEngine:
             EngineUnavailable: Redis is unavailable (the publication may not have happened).
         """
         item = self._encode(channel, event, data, persist=persist, done=trio.Event())
-        while self._queued_bytes > MAX_QUEUED_BYTES:
-            await self._room_lot.park()
+        await self._wait_for_room()
         self._enqueue(item)
         assert item.done is not None
         await item.done.wait()
@@ -300,8 +325,7 @@ class RedisEngine:
         """
         items = [self._encode(channel, event, data, persist=persist, done=trio.Event())
                  for channel, event, data, persist in publications]
-        while self._queued_bytes > MAX_QUEUED_BYTES:
-            await self._room_lot.park()
+        await self._wait_for_room()
         for item in items:
             self._enqueue(item)
         stored = []
@@ -325,6 +349,13 @@ class RedisEngine:
         if self._queued_bytes > MAX_QUEUED_BYTES:
             raise EngineUnavailable(f"more than {MAX_QUEUED_BYTES} bytes wait to be published on Redis")
         self._enqueue(item)
+
+    async def _wait_for_room(self) -> None:
+        """Wait while too much is queued, and (briefly) for a connection being opened again."""
+        while self._queued_bytes > MAX_QUEUED_BYTES:
+            await self._room_lot.park()
+        with trio.move_on_after(RECONNECT_WAIT):
+            await self._connected.wait()
 
     def _enqueue(self, item: _Queued) -> None:
         if self._nursery is None:
@@ -470,7 +501,10 @@ class RedisEngine:
         mirror.holds += 1
         try:
             if not mirror.follows:
-                if self._nursery is None:
+                # A connection being opened again (after a cut) is waited for, briefly.
+                with trio.move_on_after(RECONNECT_WAIT):
+                    await self._following.wait()
+                if not self._following.is_set():
                     raise EngineUnavailable(f"Redis at {self.address} is unavailable")
                 await self._follow(channel, mirror)
             with trio.fail_after(COMMAND_TIMEOUT):
