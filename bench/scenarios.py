@@ -60,7 +60,7 @@ def _harness() -> Iterator[ExitStack]:
         os.sched_setaffinity(0, previous_affinity)
 
 
-def _target_env(params: Params) -> dict[str, str]:
+def target_env(params: Params) -> dict[str, str]:
     if params.target != "tokenfan":
         return {}
     return {"TOKENFAN_BATCHING": "true" if params.batching else "false",
@@ -73,7 +73,7 @@ def run(params: Params, progress: Progress | None = None) -> dict[str, Any]:
     if params.target not in TARGETS:
         raise ValueError(f"unknown target {params.target!r}; known: {', '.join(TARGETS)}")
     with _harness() as stack:
-        broker = start_target(params.target, env=_target_env(params), cpu=0)
+        broker = start_target(params.target, env=target_env(params), cpu=0)
         stack.callback(broker.stop)
         base_rss = broker.rss_mib()
         channels = [f"bench/ch-{i}" for i in range(params.channels)]
@@ -87,37 +87,79 @@ def run(params: Params, progress: Progress | None = None) -> dict[str, Any]:
         connected_rss = broker.rss_mib()
         emitter = HttpEmitter(HOST, broker.emit_port, channels, window=params.window)
         stack.callback(emitter.close)
-        total = params.tokens * params.channels
-        cpu0, wall0 = broker.cpu_seconds(), time.monotonic()
-        deadline = wall0 + params.time_limit
-        interval = None if params.rate is None else 1.0 / (params.rate * params.channels)
-        next_at = wall0
-        while swarm.running() and time.monotonic() < deadline:
-            if emitter.sent < total:
-                if interval is None:
-                    emitter.queue(total - emitter.sent)
-                elif time.monotonic() >= next_at:
-                    emitter.queue(1)
-                    next_at += interval
-            emitter.pump()
-            if progress is not None:
-                progress(min(emitter.sent / total, 1.0))
-            # Sleep until the broker answers or the next paced emit is due (at most 1 ms),
-            # so the swarm on this core gets the CPU it needs.
-            wait = 0.001 if interval is None else max(0.0, min(0.001, next_at - time.monotonic()))
-            emitter.wait_readable(wait)
-        wall = time.monotonic() - wall0
+        cpu0 = broker.cpu_seconds()
+        wall = emit_stream(params, emitter, swarm, progress)
         cpu = broker.cpu_seconds() - cpu0
         result = swarm.finish(timeout=30, stop=True)
-        return _summarize(params, broker, result, cpu=cpu, wall=wall,
+        return summarize(params, broker, result, cpu=cpu, wall=wall,
                           rss_per_conn_kib=(connected_rss - base_rss) * 1024 / params.subscribers,
                           emit_errors=emitter.errors)
+
+
+def emit_stream(params: Params, emitter: HttpEmitter, swarm: CSwarm, progress: Progress | None) -> float:
+    """Emit ``tokens`` on each channel (paced at ``rate``, or as fast as the window lets) until the
+    swarm has everything or ``time_limit`` passes; return the seconds it took."""
+    total = params.tokens * params.channels
+    wall0 = time.monotonic()
+    deadline = wall0 + params.time_limit
+    interval = None if params.rate is None else 1.0 / (params.rate * params.channels)
+    next_at = wall0
+    while swarm.running() and time.monotonic() < deadline:
+        if emitter.sent < total:
+            if interval is None:
+                emitter.queue(total - emitter.sent)
+            elif time.monotonic() >= next_at:
+                emitter.queue(1)
+                next_at += interval
+        emitter.pump()
+        if progress is not None:
+            progress(min(emitter.sent / total, 1.0))
+        # Sleep until the broker answers or the next paced emit is due (at most 1 ms),
+        # so the swarm on this core gets the CPU it needs.
+        wait = 0.001 if interval is None else max(0.0, min(0.001, next_at - time.monotonic()))
+        emitter.wait_readable(wait)
+    return time.monotonic() - wall0
+
+
+def ask_all(params: Params, port: int) -> int:
+    """``POST /ai/chat`` (``wait: false``) for sessions ``bench-0`` … on ``port``; return the failures."""
+    errors = 0
+    for index in range(params.channels):
+        body = json.dumps({"message": f"question {index}", "sessionId": f"bench-{index}",
+                           "wait": False}).encode()
+        request = urllib.request.Request(f"http://{HOST}:{port}/ai/chat", body,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as reply:
+                errors += reply.status != 202
+        except (urllib.error.URLError, OSError):
+            errors += 1
+    return errors
+
+
+def wait_for_swarm(params: Params, swarm: CSwarm, progress: Progress | None) -> float:
+    """Wait until the swarm has every answer (or ``time_limit``); return the seconds it took."""
+    wall0 = time.monotonic()
+    deadline = wall0 + params.time_limit
+    while swarm.running() and time.monotonic() < deadline:
+        if progress is not None:
+            progress(min((time.monotonic() - wall0) * (params.rate or 50.0) / 60, 1.0))
+        time.sleep(0.05)
+    return time.monotonic() - wall0
+
+
+def ai_env(params: Params) -> dict[str, str]:
+    """The broker settings of the ai scenario."""
+    # Every session is asked from this one address at once: its /ai/chat rate limit is lifted.
+    return {**target_env(params), "TOKENFAN_AI_DEMO_TOKENS_PER_SECOND": str(params.rate or 50.0),
+            "TOKENFAN_AI_MAX_GENERATIONS": str(params.channels + 10), "TOKENFAN_AI_TIMESTAMPS": "true",
+            "TOKENFAN_AI_REQUEST_BURST": str(params.channels + 10)}
 
 
 def idle(params: Params, progress: Progress | None = None) -> dict[str, Any]:
     """Connect ``subscribers`` idle subscribers and report the broker's resident memory per connection."""
     with _harness() as stack:
-        broker = start_target(params.target, env=_target_env(params), cpu=0)
+        broker = start_target(params.target, env=target_env(params), cpu=0)
         stack.callback(broker.stop)
         time.sleep(0.5)
         base = broker.rss_mib()
@@ -151,9 +193,7 @@ def ai(params: Params, progress: Progress | None = None) -> dict[str, Any]:
     if params.target != "tokenfan":
         raise ValueError("the ai scenario measures tokenfan's /ai/chat; other targets have none")
     with _harness() as stack:
-        env = {**_target_env(params), "TOKENFAN_AI_DEMO_TOKENS_PER_SECOND": str(params.rate or 50.0),
-               "TOKENFAN_AI_MAX_GENERATIONS": str(params.channels + 10), "TOKENFAN_AI_TIMESTAMPS": "true"}
-        broker = start_target("tokenfan", env=env, cpu=0)
+        broker = start_target("tokenfan", env=ai_env(params), cpu=0)
         stack.callback(broker.stop)
         spec = SwarmSpec(host=HOST, port=broker.port, subscribers=params.subscribers,
                          channels=params.channels, prefix="ai-chat/bench-", tokens=AI_EVENTS_PER_ANSWER,
@@ -162,26 +202,12 @@ def ai(params: Params, progress: Progress | None = None) -> dict[str, Any]:
         stack.callback(swarm.close)
         swarm.wait_ready(timeout=min(params.time_limit, 300))
         cpu0, wall0 = broker.cpu_seconds(), time.monotonic()
-        errors = 0
-        for index in range(params.channels):
-            body = json.dumps({"message": f"question {index}", "sessionId": f"bench-{index}",
-                               "wait": False}).encode()
-            request = urllib.request.Request(f"http://{HOST}:{broker.emit_port}/ai/chat", body,
-                                             headers={"Content-Type": "application/json"})
-            try:
-                with urllib.request.urlopen(request, timeout=10) as reply:
-                    errors += reply.status != 202
-            except (urllib.error.URLError, OSError):
-                errors += 1
-        deadline = wall0 + params.time_limit
-        while swarm.running() and time.monotonic() < deadline:
-            if progress is not None:
-                progress(min((time.monotonic() - wall0) * (params.rate or 50.0) / 60, 1.0))
-            time.sleep(0.05)
+        errors = ask_all(params, broker.emit_port)
+        wait_for_swarm(params, swarm, progress)
         wall = time.monotonic() - wall0
         cpu = broker.cpu_seconds() - cpu0
         result = swarm.finish(timeout=30, stop=True)
-        summary = _summarize(params, broker, result, cpu=cpu, wall=wall, rss_per_conn_kib=0.0,
+        summary = summarize(params, broker, result, cpu=cpu, wall=wall, rss_per_conn_kib=0.0,
                              emit_errors=errors)
         summary["tokens"] = AI_EVENTS_PER_ANSWER
         return summary
@@ -359,7 +385,7 @@ def _health(port: int) -> dict[str, Any]:
     return health
 
 
-def _summarize(params: Params, broker: BrokerProcess, swarm: dict[str, Any], *, cpu: float, wall: float,
+def summarize(params: Params, broker: BrokerProcess, swarm: dict[str, Any], *, cpu: float, wall: float,
                rss_per_conn_kib: float, emit_errors: int) -> dict[str, Any]:
     # The swarm knows what each subscription should have seen (churn changes it).
     expected = int(swarm.get("expected", params.subscribers * params.tokens))

@@ -52,7 +52,7 @@ class SwarmSpec:
     """What the swarm connects to and expects."""
 
     host: str
-    port: int
+    port: int | str  #: a port, or several comma-separated (subscribers take them in turn)
     mode: str = "ws"  #: "ws" or "sse"
     path: str = "/ws"
     subscribers: int = 1000

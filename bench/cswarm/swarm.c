@@ -13,7 +13,7 @@
  *   sse: GET PATH?ch=CH; the server answers 200 text/event-stream, then a line
  *        `data: {"t":"ok","o":TOP}` and one `data: {"t":"ev",...,"o":N,...}` line per event.
  *
- * Usage: swarm HOST PORT MODE PATH SUBS CHANNELS PREFIX TOKENS TIMEOUT_S SLOW_SHARE SLOW_MS RCVBUF [CHURN]
+ * Usage: swarm HOST PORT[,PORT...] MODE PATH SUBS CHANNELS PREFIX TOKENS TIMEOUT_S SLOW_SHARE SLOW_MS RCVBUF [CHURN]
  *   subscriber i subscribes to channel PREFIX<i % CHANNELS>; TOKENS events are expected on each.
  *   CHURN (per second): while the stream runs, that many subscribers a second leave and are
  *   replaced by a new subscriber to the same channel, who expects everything after its ok.
@@ -219,7 +219,9 @@ static long parse_frame(sub_t *s, const unsigned char *p, size_t len, double t) 
 /* ---- sockets ------------------------------------------------------------------ */
 
 static const char *host;
-static int port;
+/* PORT may list several ports (comma-separated: brokers of one cluster); subscribers take
+   them in turn. */
+static int ports[64], nports, next_port;
 
 static void masked_frame(unsigned char opcode, const unsigned char *payload, size_t n, unsigned char *out, size_t *outlen) {
     size_t h = 0;
@@ -247,6 +249,7 @@ static int open_sub(sub_t *s, int mode_sse, const char *path, const char *channe
     if (rcvbuf > 0) setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    int port = ports[next_port++ % nports];
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
     inet_pton(AF_INET, host, &a.sin_addr);
     if (connect(fd, (struct sockaddr *)&a, sizeof a) < 0) { close(fd); return -1; }
@@ -383,11 +386,15 @@ static int cmp_double(const void *a, const void *b) {
 
 int main(int argc, char **argv) {
     if (argc != 13 && argc != 14) {
-        fprintf(stderr, "usage: swarm HOST PORT MODE PATH SUBS CHANNELS PREFIX TOKENS TIMEOUT_S SLOW_SHARE SLOW_MS RCVBUF [CHURN]\n");
+        fprintf(stderr, "usage: swarm HOST PORT[,PORT...] MODE PATH SUBS CHANNELS PREFIX TOKENS TIMEOUT_S SLOW_SHARE SLOW_MS RCVBUF [CHURN]\n");
         return 2;
     }
     host = argv[1];
-    port = atoi(argv[2]);
+    for (char *p = argv[2]; *p && nports < 64; nports++) {
+        ports[nports] = (int)strtol(p, &p, 10);
+        if (*p == ',') p++;
+    }
+    if (nports < 1) { fprintf(stderr, "swarm: PORT must be a port or a comma-separated list\n"); return 2; }
     int sse = strcmp(argv[3], "sse") == 0;
     const char *path = argv[4];
     int nsubs = atoi(argv[5]), nch = atoi(argv[6]);

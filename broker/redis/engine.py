@@ -66,6 +66,8 @@ log = logging.getLogger("tokenfan.redis")
 
 #: Most publications sent in one pipelined write (and in one script call).
 MAX_BATCH = 512
+#: Least time between two flushes (seconds): a token waits at most this long for company.
+FLUSH_TICK = 0.001
 #: Flushes sent and not yet answered, at most: Redis works on one while the node builds the next.
 IN_FLIGHT = 4
 #: Most bytes of publications sent in one pipelined write (at least one publication).
@@ -380,11 +382,18 @@ class RedisEngine:
         """Send what is queued: one script call per flush (channels grouped, in queue order), with
         up to :data:`IN_FLIGHT` flushes awaiting their replies while the next is sent."""
         in_flight = trio.Semaphore(IN_FLIGHT)
+        last_flush = -math.inf
         async with trio.open_nursery() as nursery:
             while True:
                 while not self._queue:
                     await self._queue_lot.park()
+                # One flush a tick at most: what comes meanwhile joins the next one, so a steady
+                # stream of tokens costs a write (and a script call) a tick, not one a token.
+                wait = last_flush + FLUSH_TICK - trio.current_time()
+                if wait > 0 and len(self._queue) < MAX_BATCH:
+                    await trio.sleep(wait)
                 await in_flight.acquire()
+                last_flush = trio.current_time()
                 batch = self._take_batch()
                 groups: dict[str, list[_Queued]] = {}
                 for item in batch:
