@@ -138,8 +138,8 @@ def compare(scenario: str) -> dict[str, Any]:
         "memory": {key: memory[key] for key in ("expected", "delivered", "ok", "broker_cpu_s",
                                                 "deliveries_per_cpu_s", "latency_ms")},
         "cluster": {key: on_redis[key] for key in (
-            "expected", "delivered", "ok", "broker_cpu_s", "node_cpu_s", "redis_cpu_s", "deliveries_per_cpu_s",
-            "latency_ms", "redis_commands_per_token", "evalsha_per_token")},
+            "expected", "delivered", "ok", "broker_cpu_s", "node_cpu_s", "redis_cpu_s",
+            "deliveries_per_cpu_s", "latency_ms", "redis_commands_per_token", "evalsha_per_token")},
         "p99_memory_ms": p99_memory, "p99_cluster_ms": p99_cluster,
         "cpu_per_delivery_ratio": (round(per_cpu_memory / per_cpu_cluster, 2)
                                    if per_cpu_memory and per_cpu_cluster else None),
