@@ -66,6 +66,8 @@ ACCEPT_BACKOFF = 0.1
 HISTORY_SWEEP_INTERVAL = 1.0
 #: Streams the sweep looks at between checkpoints (1-2 ms of work on this machine kind).
 HISTORY_SWEEP_BATCH = 500
+#: The command to every node (on Redis) that stops a session's answer wherever it runs.
+CANCEL_COMMAND = b"cancel:"
 #: Channel names whose options are remembered (the cache is emptied when it fills).
 _OPTIONS_CACHE_SIZE = 10_000
 
@@ -102,6 +104,7 @@ class Broker:
         if self.redis is not None:
             self.redis.deliver = self._delivered
             self.redis.restarted = self._stream_restarted
+            self.redis.on_command = self._on_command
         self.backlog = Backlog(self.channel_options)
         self.ai = AiService(self)
         if self.redis is not None:
@@ -181,7 +184,7 @@ class Broker:
         except p.LocalProtocolError as exc:
             raise EmitError(f"data cannot be encoded as msgpack: {exc.__cause__ or exc}") from None
         if is_cancel:
-            self.ai.cancel(channel[len(CHANNEL_PREFIX):])
+            self._cancel_answer(channel)
 
     def publish_here(self, channel: str, event: str, data: Any = None, *, persist: bool | None = None,
                      validate: bool = True) -> Publication:
@@ -199,7 +202,7 @@ class Broker:
         except p.LocalProtocolError as exc:
             raise EmitError(f"data cannot be encoded as msgpack: {exc.__cause__ or exc}") from None
         if is_cancel:
-            self.ai.cancel(channel[len(CHANNEL_PREFIX):])
+            self._cancel_answer(channel)
         return publication
 
     async def publish(self, channel: str, event: str, data: Any = None, *, persist: bool | None = None,
@@ -216,7 +219,7 @@ class Broker:
         publication = Publication(channel=channel, offset=stored.offset, epoch=stored.epoch)
         if is_cancel:
             # Any watcher (or the app) may stop the answer streaming on an AI chat channel.
-            self.ai.cancel(channel[len(CHANNEL_PREFIX):])
+            self._cancel_answer(channel)
         return publication
 
     async def publish_batch(self, events: list[tuple[str, str, Any, bool | None]]) -> list[Publication]:
@@ -234,7 +237,7 @@ class Broker:
                             for (channel, *_rest), item in zip(prepared, stored, strict=True)]
         for channel, _event, _data, _persist, is_cancel in prepared:
             if is_cancel:
-                self.ai.cancel(channel[len(CHANNEL_PREFIX):])
+                self._cancel_answer(channel)
         return publications
 
     def _prepare(self, channel: str, event: str, data: Any, persist: bool | None, *,
@@ -256,12 +259,23 @@ class Broker:
 
     def _delivered(self, channel: str, frame: bytes) -> None:
         """A publication from Redis (made on any node): fan it out here; on an AI chat channel,
-        note answers starting and ending, and stop the answer this node runs when asked to."""
+        note answers starting and ending (a node that dies mid-answer is then noticed)."""
         self.hub.deliver(channel, frame)
         shared = self.ai.shared
-        if (shared is not None and channel.startswith(CHANNEL_PREFIX)
-                and shared.observe(channel, frame) == "ai:cancel"):
-            self.ai.cancel(channel[len(CHANNEL_PREFIX):])
+        if shared is not None and channel.startswith(CHANNEL_PREFIX):
+            shared.observe(channel, frame)
+
+    def _cancel_answer(self, channel: str) -> None:
+        """Stop the answer streaming on AI chat ``channel``, on whichever node runs it."""
+        session = channel[len(CHANNEL_PREFIX):]
+        self.ai.cancel(session)
+        if self.redis is not None:
+            self.redis.notify(CANCEL_COMMAND + session.encode())
+
+    def _on_command(self, command: bytes) -> None:
+        """A command to every node, from any node (see :meth:`RedisEngine.notify`)."""
+        if command.startswith(CANCEL_COMMAND):
+            self.ai.cancel(command[len(CANCEL_COMMAND):].decode(errors="replace"))
 
     async def _publish_lost(self, channel: str, data: dict[str, str]) -> None:
         await self.publish(channel, "ai:error", data, validate=False)

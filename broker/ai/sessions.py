@@ -282,17 +282,13 @@ class AiService:
         if shared is None or claim is None:
             await self._answer(request, session, provider, generation)
             return
-        broker, session_id = self._broker, request.session_id
+        session_id = request.session_id
         try:
             async with trio.open_nursery() as nursery:
-                # Follow the channel while answering: a stop published on any node reaches us.
-                with contextlib.suppress(EngineUnavailable):
-                    await broker.follow(request.channel)
                 nursery.start_soon(self._keep_claim, shared, session_id, claim, generation)
                 await self._answer(request, session, provider, generation)
                 nursery.cancel_scope.cancel()
         finally:
-            broker.unfollow(request.channel)
             with trio.move_on_after(SHARED_CLEANUP_SECONDS, shield=True), \
                     contextlib.suppress(EngineUnavailable):
                 if generation.result is not None and generation.result.error is None:

@@ -15,9 +15,9 @@ channel's, in its hash tag):
 - ``{prefix}:{ai-chat/S}:turns``: the conversation, JSON, expiring after
   ``SESSION_TTL`` unused: a follow-up answered on another node has the context.
 
-A node learns that an answer it runs should stop from the channel itself: it
-follows the channel while it answers, so an ``ai:cancel`` published on any node
-(a watcher's ``pub``, ``POST /ai/cancel``) reaches it.
+A node learns that an answer it runs should stop from a command every node
+hears (:meth:`broker.redis.engine.RedisEngine.notify`): the node where an
+``ai:cancel`` is published (a watcher's ``pub``, ``POST /ai/cancel``) sends it.
 
 If the node running an answer dies, its claim expires. Every node that follows
 an ``ai-chat/*`` channel notes answers that started (``ai:start``) and have not
@@ -64,8 +64,7 @@ return 0
 """
 
 #: The bytes of an ``ev`` field naming these events, as :func:`protocol.encode_event` writes them.
-_START, _DONE, _ERROR, _CANCEL = (b"\xa2ev" + msgpack.packb(name) for name in
-                                  ("ai:start", "ai:done", "ai:error", "ai:cancel"))
+_START, _DONE, _ERROR = (b"\xa2ev" + msgpack.packb(name) for name in ("ai:start", "ai:done", "ai:error"))
 
 
 def event_of(frame: bytes) -> str | None:
@@ -151,19 +150,13 @@ class SharedAnswers:
 
     # -- watching answers other nodes run ------------------------------------------------
 
-    def observe(self, channel: str, frame: bytes) -> str | None:
-        """Note an answer's start or end on a followed ``ai-chat/*`` channel; return the event
-        (``ai:start``, ``ai:done``, ``ai:error``, ``ai:cancel``) if the frame is one of those."""
+    def observe(self, channel: str, frame: bytes) -> None:
+        """Note an answer's start or end on a followed ``ai-chat/*`` channel."""
         if _START in frame and event_of(frame) == "ai:start":
             self._open[channel] = frame_offset(frame)
-            return "ai:start"
-        for marker, name in ((_DONE, "ai:done"), (_ERROR, "ai:error")):
-            if marker in frame and event_of(frame) == name:
-                self._open.pop(channel, None)
-                return name
-        if _CANCEL in frame and event_of(frame) == "ai:cancel":
-            return "ai:cancel"
-        return None
+        elif channel in self._open and any(marker in frame and event_of(frame) == name
+                                           for marker, name in ((_DONE, "ai:done"), (_ERROR, "ai:error"))):
+            del self._open[channel]
 
     async def run_watchdog(self) -> None:
         """Every :data:`WATCH_EVERY`: publish ``generator_lost`` for watched answers whose claim is gone."""

@@ -158,11 +158,14 @@ class RedisEngine:
         """
         self.address = RedisAddress.parse(url)
         self.keys = Keys(prefix)
+        self._control = self.keys.control()
         self._options = options
         self.deliver: Callable[[str, bytes], None] = deliver or (lambda channel, frame: None)
         #: Called with a followed channel whose stream began again in a new epoch (before its
         #: first publication in the new epoch is delivered).
         self.restarted: Callable[[str], None] = lambda channel: None
+        #: Called with each command another node (or this one) sent every node (:meth:`notify`).
+        self.on_command: Callable[[bytes], None] = lambda command: None
         self._mirrors: dict[str, Mirror] = {}
         self._queue: list[_Queued] = []
         self._queued_bytes = 0
@@ -237,6 +240,7 @@ class RedisEngine:
                 try:
                     async with open_pubsub(self.address, self._on_message) as pubsub:
                         self._pubsub = pubsub
+                        await pubsub.subscribe(self.keys.control())
                         await self._follow_again()
                         self._following.set()
                         self._connected_once = True
@@ -490,6 +494,19 @@ class RedisEngine:
                 raise EngineUnavailable(f"Redis refused a command: {reply}")
         return replies
 
+    def notify(self, command: bytes) -> None:
+        """Send ``command`` to every node's :attr:`on_command` (this one's too), without waiting.
+
+        Best effort: while Redis is away it is dropped.
+        """
+        nursery = self._nursery
+        if nursery is not None:
+            nursery.start_soon(self._notify, command)
+
+    async def _notify(self, command: bytes) -> None:
+        with contextlib.suppress(EngineUnavailable):
+            await self.call("PUBLISH", self._control, command)
+
     def follows(self, channel: str) -> bool:
         """Whether this node follows ``channel`` now."""
         return channel in self._mirrors
@@ -578,6 +595,9 @@ class RedisEngine:
 
     def _on_message(self, pubsub_channel: bytes, message: bytes) -> None:
         self.received += 1
+        if pubsub_channel == self._control:
+            self.on_command(message)
+            return
         try:
             channel = self.keys.channel_of(pubsub_channel)
             first, epoch, body = parse_message(message)

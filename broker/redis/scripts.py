@@ -103,6 +103,10 @@ class Keys:
     def pubsub(self, channel: str) -> bytes:
         return f"{self.prefix}:{{{channel}}}".encode()
 
+    def control(self) -> bytes:
+        """The pub/sub channel of commands to every node (a stop for an answer, say)."""
+        return f"{self.prefix}:control".encode()
+
     def channel_of(self, pubsub: bytes) -> str:
         """The channel a pub/sub channel name is for (see :meth:`pubsub`)."""
         return pubsub[self._pubsub_start:-1].decode()
