@@ -92,7 +92,7 @@ async def _blast(url: str, publications: int, channels: int, token: str) -> dict
         await redis.execute("SCRIPT", "LOAD", PUBLISH)
         pending: deque[Pending] = deque()
         for _ in range(0, publications, MAX_BATCH):
-            pending.append(await redis.send([command]))
+            pending.append(await redis.send_encoded(command, 1))
             if len(pending) >= 4:
                 await pending.popleft().replies()
         while pending:

@@ -84,6 +84,8 @@ RECONNECT_BACKOFF = (0.05, 2.0)
 RECONNECT_WAIT = 1.0
 #: Least time between two warnings that Redis is away.
 WARN_EVERY = 30.0
+#: Channels whose encoded keys and options are kept (the cache is emptied when it fills).
+_PARTS_CACHE = 10_000
 #: Stream entries (batches) read by one XRANGE.
 _READ_ENTRIES = 64
 #: How long a command may take before Redis counts as unavailable.
@@ -168,6 +170,7 @@ class RedisEngine:
         self.on_command: Callable[[bytes], None] = lambda command: None
         self._mirrors: dict[str, Mirror] = {}
         self._queue: list[_Queued] = []
+        self._parts: dict[str, tuple[bytes, bytes]] = {}  # channel -> its encoded keys and options
         self._queued_bytes = 0
         self._queue_lot = trio.lowlevel.ParkingLot()
         self._room_lot = trio.lowlevel.ParkingLot()
@@ -286,19 +289,41 @@ class RedisEngine:
         frame = ws_frame(encode_event(channel, event, data, OFFSET_PLACEHOLDER))
         return _Queued(channel=channel, frame=frame, kept=persist, done=done)
 
-    def _script_call(self, groups: dict[str, list[_Queued]]) -> list[bytes | str | int]:
-        """One ``EVALSHA`` publishing every group (a channel's publications, in order)."""
-        keys: list[bytes | str | int] = []
-        args: list[bytes | str | int] = [new_epoch()]
-        names = self.keys
+    def _script_call(self, groups: dict[str, list[_Queued]]) -> bytes:
+        """One ``EVALSHA`` publishing every group (a channel's publications, in order), as RESP.
+
+        Built by hand, not with :func:`encode_command`: it runs for every flush, and each
+        channel's keys and options are encoded once and kept (:meth:`_channel_parts`).
+        """
+        keys: list[bytes] = []
+        args: list[bytes] = [_bulk(new_epoch())]
+        count = 0
         for channel, items in groups.items():
+            channel_keys, channel_args = self._channel_parts(channel)
+            keys.append(channel_keys)
+            args.append(channel_args)
+            args.append(_bulk(bytes(0x31 if item.kept else 0x30 for item in items)))
+            args.extend(b"$%d\r\n%b\r\n" % (len(item.frame), item.frame) for item in items)
+            count += len(items)
+        key_count = 3 * len(groups)
+        head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n%b" % (
+            3 + key_count + 1 + 4 * len(groups) + count, PUBLISH_SHA.encode(), _bulk(b"%d" % key_count))
+        return b"".join([head, *keys, *args])
+
+    def _channel_parts(self, channel: str) -> tuple[bytes, bytes]:
+        """A channel's three keys, and its size and TTL arguments, as RESP bulk strings (kept)."""
+        parts = self._parts.get(channel)
+        if parts is None:
+            if len(self._parts) >= _PARTS_CACHE:
+                self._parts.clear()
             options = self._options(channel)
             ttl_ms, meta_ttl = _ttls(options)
-            keys += (names.meta(channel), names.stream(channel), names.pubsub(channel))
-            flags = bytes(0x31 if item.kept else 0x30 for item in items)
-            args += (options.history_size, ttl_ms, meta_ttl, flags)
-            args += (item.frame for item in items)
-        return ["EVALSHA", PUBLISH_SHA, len(keys), *keys, *args]
+            names = self.keys
+            parts = self._parts[channel] = (
+                b"".join(_bulk(key) for key in (names.meta(channel), names.stream(channel),
+                                                names.pubsub(channel))),
+                b"".join(_bulk(b"%d" % value) for value in (options.history_size, ttl_ms, meta_ttl)))
+        return parts
 
     async def publish(self, channel: str, event: str, data: Any, *, persist: bool) -> Stored:
         """Publish through Redis; return the offset and epoch Redis gave it.
@@ -403,7 +428,7 @@ class RedisEngine:
                 for item in batch:
                     groups.setdefault(item.channel, []).append(item)
                 try:
-                    pending = await connection.send([self._script_call(groups)])
+                    pending = await connection.send_encoded(self._script_call(groups), 1)
                 except BaseException:
                     self._lost(batch)
                     raise
@@ -838,6 +863,10 @@ class RedisEngine:
 
 def new_epoch() -> bytes:
     return secrets.token_urlsafe(6).encode()
+
+
+def _bulk(data: bytes) -> bytes:
+    return b"$%d\r\n%b\r\n" % (len(data), data)
 
 
 def _ttls(options: ChannelOptions) -> tuple[int, int]:

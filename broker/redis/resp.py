@@ -207,8 +207,13 @@ class RedisConnection:
         Raises:
             RedisUnavailable: the connection is lost.
         """
-        waiter = _Waiter(len(commands))
-        await self._send(b"".join(encode_command(command) for command in commands), waiter)
+        return await self.send_encoded(b"".join(encode_command(command) for command in commands),
+                                       len(commands))
+
+    async def send_encoded(self, data: bytes, count: int) -> Pending:
+        """Like :meth:`send`, for ``count`` commands already encoded (:func:`encode_command`)."""
+        waiter = _Waiter(count)
+        await self._send(data, waiter)
         return Pending(self, waiter)
 
     async def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Reply]:
