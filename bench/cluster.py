@@ -156,10 +156,13 @@ def compare(scenario: str) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.cluster",
                                      description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("scenarios", nargs="*", choices=["paced", "ai"], default=[])
+    parser.add_argument("scenarios", nargs="*", metavar="{paced,ai}", help="default: both")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--json", help="append each result as a JSON line to this file")
     args = parser.parse_args(argv)
+    unknown = set(args.scenarios) - {"paced", "ai"}
+    if unknown:
+        parser.error(f"unknown scenario {', '.join(sorted(unknown))}; known: paced, ai")
     for _ in range(args.repeat):
         for scenario in args.scenarios or ["paced", "ai"]:
             result = compare(scenario)

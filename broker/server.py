@@ -560,7 +560,18 @@ class Broker:
                 "coalesced": stats.backlog.coalesced, "dropped": stats.backlog.dropped,
                 "slow_disconnects": stats.slow_disconnects, "memory_used": self.memory.used,
                 "memory_limit": self.memory.limit, "memory_shed": self.memory.shed_count,
-                "auth_refused": self.auth_refused}
+                "auth_refused": self.auth_refused, "engine": self._engine_health()}
+
+    def _engine_health(self) -> dict[str, Any]:
+        redis = self.redis
+        if redis is None:
+            return {"kind": "memory"}
+        shared = self.ai.shared
+        return {"kind": "redis", "url": str(redis.address), "connected": redis.connected,
+                "following": redis.statistics().streams, "published": redis.published,
+                "received": redis.received, "round_trips": redis.round_trips,
+                "gaps_filled": redis.gaps_filled, "errors": redis.errors,
+                "answers_lost": 0 if shared is None else shared.lost_published}
 
 
 async def serve(config: Config | None = None, *,

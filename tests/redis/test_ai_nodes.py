@@ -10,6 +10,7 @@ from typing import Any
 
 import trio
 
+import protocol as p
 from bench.redisproc import RedisServer
 from broker import Broker
 from broker.client import Event, connect
@@ -115,3 +116,47 @@ async def test_watchers_hear_generator_lost_when_the_answering_node_dies(
         assert watching.ai.shared is not None and watching.ai.shared.lost_published == 1
     finally:
         await stop(answering)
+
+
+async def test_a_killed_node_loses_nothing_redis_holds(start_node: StartNode,
+                                                       redis_server: RedisServer) -> None:
+    """A watcher's node is killed (kill -9) mid-answer: the watcher reconnects to another node and
+    recovers exactly, and again to the killed node once it is restarted."""
+    answering = await start_node(ai_demo_tokens_per_second=40.0)
+    doomed = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "broker.cli", "serve", "--port", "0", "--engine", redis_server.url],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert doomed.stdout is not None
+        with trio.fail_after(20):
+            port = int((await read_line(doomed.stdout, bytearray())).rsplit(":", 1)[1])
+        async with connect(f"ws://127.0.0.1:{port}/ws", reconnect=False) as watcher:
+            sub = await watcher.subscribe("ai-chat/kill")
+            status, _ = await trio.to_thread.run_sync(
+                post, answering, "/ai/chat", {"message": "go", "sessionId": "kill", "wait": False})
+            assert status == 202
+            seen = await take(sub, 5)
+            doomed.kill()
+            await doomed.wait()
+        async with connect(ws(answering)) as watcher:
+            since = p.Position(o=seen[-1].offset, ep=sub.epoch)
+            again = await watcher.subscribe("ai-chat/kill", since=since)
+            rest = await events_until_end(again)
+        events = seen + rest
+        assert [event.offset for event in events] == list(range(events[0].offset, events[-1].offset + 1))
+        assert events[0].event == "ai:start" and events[-1].event == "ai:done"
+        assert events[-1].data["tokens"] == len(events) - 2
+        # The killed node, started again, serves the same history.
+        doomed = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "broker.cli", "serve", "--port", "0", "--engine", redis_server.url],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert doomed.stdout is not None
+        with trio.fail_after(20):
+            port = int((await read_line(doomed.stdout, bytearray())).rsplit(":", 1)[1])
+        async with connect(f"ws://127.0.0.1:{port}/ws", reconnect=False) as watcher:
+            replay = await watcher.subscribe("ai-chat/kill", since=p.Position(o=0, ep=sub.epoch))
+            replayed = await events_until_end(replay)
+        assert "".join(e.data.get("token", "") for e in replayed) == "".join(
+            e.data.get("token", "") for e in events)
+    finally:
+        await stop(doomed)

@@ -93,6 +93,11 @@ async def test_history_over_http_comes_from_redis(start_node: StartNode) -> None
     assert body["recovered"] and body["top"] == last.offset and body["epoch"] == last.epoch
     assert [(pub["offset"], pub["event"]) for pub in body["publications"]] == [
         (2, "ai:token"), (3, "ai:token"), (5, "ai:done")]  # 4 was not kept
+    health = f"http://127.0.0.1:{a.port}/healthz"
+    with await trio.to_thread.run_sync(urllib.request.urlopen, health) as response:
+        engine = json.load(response)["engine"]
+    assert engine["kind"] == "redis" and engine["connected"] and engine["published"] == 5
+    assert engine["url"].startswith("redis://127.0.0.1:") and engine["errors"] == 0
 
 
 async def test_an_unreachable_redis_is_a_clear_error(redis_server: RedisServer) -> None:
