@@ -8,7 +8,8 @@ scenario of :mod:`bench.scenarios`), then the cluster: a private ``redis-server`
 ``tokenfan serve --engine redis://…``: nodes A and B (core 0, as the memory broker) take the
 subscribers (the C swarm alternates between their ports), node C (core 1, with Redis, the
 swarm and the emitter) takes the emits (``paced``) or the ``/ai/chat`` requests (``ai``), so
-every token crosses Redis before it reaches anyone.
+every token crosses Redis before it reaches anyone. ``--spread`` puts B on core 1 instead, so
+A and B do not take turns on one core.
 
 ``paced``
     1,000 subscribers of one channel, 250 tokens at 50 a second (issue 15: cluster p99 ≤
@@ -71,7 +72,7 @@ async def _redis_stats(url: str) -> dict[str, float]:
     return figures
 
 
-def cluster(params: Params) -> dict[str, Any]:
+def cluster(params: Params, *, spread: bool = False) -> dict[str, Any]:
     """One stream through three nodes on one Redis; see the module docstring."""
     raise_fd_limit()
     previous = pin_to(1)
@@ -83,7 +84,7 @@ def cluster(params: Params) -> dict[str, Any]:
             env = scenarios.ai_env(params) if params.scenario == "ai" else scenarios.target_env(params)
             env = {**env, "TOKENFAN_ENGINE": server.url}
             nodes: list[BrokerProcess] = []
-            for core in (0, 0, 1):
+            for core in ((0, 1, 1) if spread else (0, 0, 1)):
                 node = start_target("tokenfan", env=env, cpu=core)
                 stack.callback(node.stop)
                 nodes.append(node)
@@ -127,14 +128,15 @@ def cluster(params: Params) -> dict[str, Any]:
         os.sched_setaffinity(0, previous)
 
 
-def compare(scenario: str) -> dict[str, Any]:
+def compare(scenario: str, *, spread: bool = False) -> dict[str, Any]:
     params = _params(scenario)
     memory = scenarios.SCENARIOS[scenario](params, None)
-    on_redis = cluster(params)
+    on_redis = cluster(params, spread=spread)
     p99_memory, p99_cluster = memory["latency_ms"]["p99"], on_redis["latency_ms"]["p99"]
     per_cpu_memory, per_cpu_cluster = memory["deliveries_per_cpu_s"], on_redis["deliveries_per_cpu_s"]
     out: dict[str, Any] = {
         "scenario": scenario, "subscribers": params.subscribers, "channels": params.channels,
+        "spread": spread,
         "memory": {key: memory[key] for key in ("expected", "delivered", "ok", "broker_cpu_s",
                                                 "deliveries_per_cpu_s", "latency_ms")},
         "cluster": {key: on_redis[key] for key in (
@@ -159,13 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("scenarios", nargs="*", metavar="{paced,ai}", help="default: both")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--json", help="append each result as a JSON line to this file")
+    parser.add_argument("--spread", action="store_true",
+                        help="node B on core 1 (with C, Redis and the swarm), not beside A on core 0")
     args = parser.parse_args(argv)
     unknown = set(args.scenarios) - {"paced", "ai"}
     if unknown:
         parser.error(f"unknown scenario {', '.join(sorted(unknown))}; known: paced, ai")
     for _ in range(args.repeat):
         for scenario in args.scenarios or ["paced", "ai"]:
-            result = compare(scenario)
+            result = compare(scenario, spread=args.spread)
             print(json.dumps(result), flush=True)
             if args.json:
                 with open(args.json, "a") as out:

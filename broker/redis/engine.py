@@ -75,7 +75,9 @@ MAX_FLUSH_BYTES = 1024 * 1024
 #: Most bytes of publications waiting to be sent (emits past it wait; emit_nowait raises).
 MAX_QUEUED_BYTES = 16 * 1024 * 1024
 #: Recent kept frames a mirror holds, in bytes (always at least the newest one).
-MIRROR_BYTES = 256 * 1024
+#: It only has to cover what arrives while a new subscriber's last page is read from Redis (a
+#: round trip), so it is small: a channel with subscribers on many nodes costs this on each.
+MIRROR_BYTES = 64 * 1024
 #: How long a stream's meta hash outlives its last publication, at least (seconds).
 META_TTL = 24 * 3600
 #: Wait before connecting again after Redis was lost: doubles from the first to the last.
