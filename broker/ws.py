@@ -686,6 +686,14 @@ class WsConnection:
             since, earlier, complete = frame.since, _ReplayPages(), True
             if since is not None:
                 since, earlier, complete = await self._read_replay(frame.ch, since)
+                if since is not None and broker.redis is not None:
+                    # History was read from Redis up to since.o; this node's live stream must have
+                    # come that far too before the (synchronous) join adds what came after.
+                    try:
+                        await broker.redis.caught_up(frame.ch, since.o)
+                    except BaseException:
+                        earlier.release()
+                        raise
             try:
                 if self.outbox.state is OutboxState.OPEN:
                     self._join(frame, since, earlier, complete, room)
@@ -756,11 +764,17 @@ class WsConnection:
         try:
             while True:
                 await self._await_replay_allowance()
+                if remote:  # a Redis read waits on the network: not while holding everyone's turn
+                    async with self.broker.history_reads.turn():
+                        pass
+                    page = await broker.read_history(channel, after=after, epoch=epoch, limit=MAX_REPLAY,
+                                                     max_bytes=REPLAY_PAGE_BYTES)
                 async with self.broker.history_reads.turn():  # all clients' replays, in turns
                     if self.outbox.state is not OutboxState.OPEN:
                         break
-                    page = await broker.read_history(channel, after=after, epoch=epoch, limit=MAX_REPLAY,
-                                                     max_bytes=REPLAY_PAGE_BYTES)
+                    if not remote:
+                        page = await broker.read_history(channel, after=after, epoch=epoch,
+                                                         limit=MAX_REPLAY, max_bytes=REPLAY_PAGE_BYTES)
                     refused = since.ep is not None and not page.recovered
                     last_page = not page.more
                     if refused or (last_page and not remote):

@@ -197,18 +197,22 @@ class AiService:
         if shared is not None:
             try:
                 claim = await shared.claim(request.session_id)
-                if claim is None:
-                    raise ChatRejected(409, f"session {request.session_id} is already answering (on another "
-                                            "node); cancel it (POST /ai/cancel) or wait for ai:done")
-                turns = await shared.load_turns(request.session_id)
             except EngineUnavailable as exc:
                 raise ChatRejected(503, f"the broker cannot reach its Redis now ({exc}); "
                                         "retry later") from None
+            if claim is None:
+                raise ChatRejected(409, f"session {request.session_id} is already answering (on another "
+                                        "node); cancel it (POST /ai/cancel) or wait for ai:done")
             try:
+                turns = await shared.load_turns(request.session_id)
                 self._check_room(request)  # again: the checks above were before the awaits
-            except ChatRejected:
-                with trio.CancelScope(shield=True), contextlib.suppress(EngineUnavailable):
+            except BaseException as exc:
+                with trio.move_on_after(SHARED_CLEANUP_SECONDS, shield=True), \
+                        contextlib.suppress(EngineUnavailable):
                     await shared.release(request.session_id, claim)
+                if isinstance(exc, EngineUnavailable):
+                    raise ChatRejected(503, f"the broker cannot reach its Redis now ({exc}); "
+                                            "retry later") from None
                 raise
         session = self._sessions.get(request.session_id)
         if session is None:
@@ -348,11 +352,10 @@ class AiService:
                 else:
                     error = ProviderError("timeout", f"the answer took longer than {config.ai_time_limit:g}s "
                                                      "(ai_time_limit)", status=504)
-            with contextlib.suppress(ProviderError):  # the engine is away: nobody can be told
-                if error is not None:
-                    self._emit(channel, "ai:error", {"code": error.code, "message": error.message})
-                else:
-                    self._emit(channel, "ai:done", {"reason": reason, "tokens": len(pieces)})
+            if error is not None:
+                await self._emit_final(channel, "ai:error", {"code": error.code, "message": error.message})
+            else:
+                await self._emit_final(channel, "ai:done", {"reason": reason, "tokens": len(pieces)})
             if error is None:
                 self._remember(session, request.message, "".join(pieces))
         finally:
@@ -404,6 +407,18 @@ class AiService:
         if self._broker.config.ai_timestamps:
             data["ts"] = time.monotonic()  # CLOCK_MONOTONIC, as the bench's swarm reads it
         self._emit(channel, "ai:token", data)
+
+    async def _emit_final(self, channel: str, event: str, data: dict[str, Any]) -> None:
+        """Publish an answer's last event. On Redis, wait until it (and so every token before it)
+        is published: the session's claim is released only then, or a watcher's node could see the
+        claim gone before the end and report the answer lost."""
+        if self.shared is None:
+            with contextlib.suppress(ProviderError):
+                self._emit(channel, event, data)
+            return
+        with trio.move_on_after(SHARED_CLEANUP_SECONDS, shield=True), \
+                contextlib.suppress(EngineUnavailable):  # Redis is away: nobody can be told
+            await self._broker.publish(channel, event, data, validate=False)
 
     def _emit(self, channel: str, event: str, data: dict[str, Any]) -> None:
         """Publish an answer's event without waiting, in order with its others (on either engine).

@@ -59,7 +59,15 @@ from broker.redis.resp import (
     open_connection,
     open_pubsub,
 )
-from broker.redis.scripts import OFFSET_PLACEHOLDER, PUBLISH, PUBLISH_SHA, Keys, parse_message, split_body
+from broker.redis.scripts import (
+    FOLLOW,
+    OFFSET_PLACEHOLDER,
+    PUBLISH,
+    PUBLISH_SHA,
+    Keys,
+    parse_message,
+    split_body,
+)
 from protocol import LocalProtocolError, encode_event, ws_frame
 
 log = logging.getLogger("tokenfan.redis")
@@ -113,12 +121,15 @@ class Mirror:
         "follows",
         "gap_filling",
         "holds",
+        "incarnation",
+        "moved",
         "pending",
         "ready",
         "recent",
         "recent_bytes",
         "recent_from",
         "top",
+        "waiting",
     )
 
     def __init__(self) -> None:
@@ -130,8 +141,12 @@ class Mirror:
         self.recent: deque[tuple[int, bytes]] = deque()  # (offset, frame) of kept publications
         self.recent_bytes = 0
         self.recent_from = 0  # every kept publication after this offset is in ``recent``
-        self.pending: list[tuple[bool, int, bytes]] = []  # (kept, offset, frame) waiting for a gap fill
+        # (kept, offset, epoch, frame) waiting for the top to be known or for a gap fill
+        self.pending: list[tuple[bool, int, str, bytes]] = []
         self.gap_filling = False
+        self.incarnation = 0  # changes when the mirror restarts: a gap fill begun before gives up
+        self.moved = trio.lowlevel.ParkingLot()  # woken when the top moves, if anyone waits
+        self.waiting = 0
 
     def keep(self, offset: int, frame: bytes) -> None:
         self.recent.append((offset, frame))
@@ -146,6 +161,13 @@ class Mirror:
         self.recent.clear()
         self.recent_bytes = 0
         self.pending.clear()
+        self.gap_filling = False
+        self.incarnation += 1
+        self.moved_on()
+
+    def moved_on(self) -> None:
+        if self.waiting:
+            self.moved.unpark_all()
 
 
 class RedisEngine:
@@ -245,7 +267,8 @@ class RedisEngine:
                 try:
                     async with open_pubsub(self.address, self._on_message) as pubsub:
                         self._pubsub = pubsub
-                        await pubsub.subscribe(self.keys.control())
+                        with trio.fail_after(COMMAND_TIMEOUT):
+                            await pubsub.subscribe(self.keys.control())
                         await self._follow_again()
                         self._following.set()
                         self._connected_once = True
@@ -534,6 +557,20 @@ class RedisEngine:
         with contextlib.suppress(EngineUnavailable):
             await self.call("PUBLISH", self._control, command)
 
+    async def caught_up(self, channel: str, offset: int, *, seconds: float = RECONNECT_WAIT) -> None:
+        """Wait (at most ``seconds``) until this node has delivered ``channel`` up to ``offset``:
+        a recovery read from Redis up to there then joins the live stream without a hole."""
+        mirror = self._mirrors.get(channel)
+        if mirror is None:
+            return
+        mirror.waiting += 1
+        try:
+            with trio.move_on_after(seconds):
+                while mirror.top < offset and self._mirrors.get(channel) is mirror:
+                    await mirror.moved.park()
+        finally:
+            mirror.waiting -= 1
+
     def follows(self, channel: str) -> bool:
         """Whether this node follows ``channel`` now."""
         return channel in self._mirrors
@@ -595,23 +632,24 @@ class RedisEngine:
             return
         mirror.follows = True  # messages from now on are held until the top is known
         was_ready = mirror.ready.is_set()
-        meta = self.keys.meta(channel)
-        with trio.fail_after(COMMAND_TIMEOUT):
-            await pubsub.subscribe(self.keys.pubsub(channel))
-            # A channel nobody published on yet gets its epoch now, as the memory engine's does
-            # when it is first subscribed to: every node's subscribers are told the same one.
-            meta_ttl = _ttls(self._options(channel))[1]
-            _created, _ttl, (epoch, top) = await connection.pipeline([
-                ["HSETNX", meta, "e", new_epoch()],
-                ["EXPIRE", meta, meta_ttl] if meta_ttl else ["PERSIST", meta],
-                ["HMGET", meta, "e", "t"]])
+        try:
+            with trio.fail_after(COMMAND_TIMEOUT):
+                await pubsub.subscribe(self.keys.pubsub(channel))
+                # A channel nobody published on yet gets its epoch now, as the memory engine's
+                # does when it is first subscribed to: every node's subscribers are told the same.
+                meta_ttl = _ttls(self._options(channel))[1]
+                epoch, top = await connection.execute("EVAL", FOLLOW, 2, self.keys.meta(channel),
+                                                      self.keys.stream(channel), new_epoch(), meta_ttl)
+        except BaseException:
+            mirror.follows = False
+            raise
         epoch_text, top_number = (epoch or b"").decode(), int(top or 0)
         if not was_ready:
+            pending, mirror.pending = mirror.pending, []  # what came while the top was being read
             mirror.restart(epoch_text, top_number)
-            pending, mirror.pending = mirror.pending, []
             mirror.ready.set()
-            for kept, offset, frame in pending:
-                self._accept(channel, mirror, kept, offset, epoch_text, frame)
+            for kept, offset, message_epoch, frame in pending:
+                self._accept(channel, mirror, kept, offset, message_epoch, frame)
         elif epoch_text != mirror.epoch:
             mirror.restart(epoch_text, top_number)  # Redis lost the stream while we were away
             self.restarted(channel)
@@ -637,7 +675,7 @@ class RedisEngine:
             return  # no longer followed
         for offset, kept, frame in publications:
             if not mirror.ready.is_set():
-                mirror.pending.append((kept, offset, frame))
+                mirror.pending.append((kept, offset, epoch, frame))
             else:
                 self._accept(channel, mirror, kept, offset, epoch, frame)
 
@@ -649,17 +687,17 @@ class RedisEngine:
             if offset != 1 and mirror.epoch:
                 # A new stream that began while we were not looking: read it from the start.
                 mirror.restart(epoch, 0)
-                mirror.pending.append((kept, offset, frame))
+                mirror.pending.append((kept, offset, epoch, frame))
                 self._fill_gap(channel, mirror, offset)
                 return
             mirror.restart(epoch, offset - 1)
         if mirror.gap_filling:
-            mirror.pending.append((kept, offset, frame))
+            mirror.pending.append((kept, offset, epoch, frame))
             return
         if offset <= mirror.top:
             return  # a duplicate of what a gap fill delivered
         if offset > mirror.top + 1:
-            mirror.pending.append((kept, offset, frame))
+            mirror.pending.append((kept, offset, epoch, frame))
             self._fill_gap(channel, mirror, offset)
             return
         self._deliver(channel, mirror, kept, offset, frame)
@@ -669,6 +707,7 @@ class RedisEngine:
         if kept:
             mirror.keep(offset, frame)
         self.deliver(channel, frame)
+        mirror.moved_on()
 
     def _fill_gap(self, channel: str, mirror: Mirror, before: int) -> None:
         """Read the kept publications in ``(top, before)`` from the stream, then the pending ones."""
@@ -678,25 +717,28 @@ class RedisEngine:
         self._nursery.start_soon(self._fill, channel, mirror, before)
 
     async def _fill(self, channel: str, mirror: Mirror, before: int) -> None:
+        incarnation = mirror.incarnation
         try:
             connection = self._connection
             if connection is None:
                 raise RedisUnavailable(f"Redis at {self.address} is unavailable")
             entries = await self._entries(connection, channel, after=mirror.top, last=before - 1)
         except (RedisUnavailable, RedisError, trio.TooSlowError):
-            mirror.gap_filling = False
             return  # connecting again re-follows and fills
-        mirror.gap_filling = False
-        if self._mirrors.get(channel) is not mirror:
-            return
+        finally:
+            if mirror.incarnation == incarnation:  # (a restart meanwhile has reset the flag)
+                mirror.gap_filling = False
+        if self._mirrors.get(channel) is not mirror or mirror.incarnation != incarnation:
+            return  # no longer followed, or the stream began again meanwhile: its fill is its own
         self.gaps_filled += 1
         for offset, kept, frame, _time in entries:
             if mirror.top < offset < before and kept:  # one not kept is not in the stream (lost)
                 self._deliver(channel, mirror, True, offset, frame)
         mirror.top = max(mirror.top, before - 1)
+        mirror.moved_on()
         pending, mirror.pending = mirror.pending, []
-        for kept, offset, frame in sorted(pending, key=lambda item: item[1]):
-            self._accept(channel, mirror, kept, offset, mirror.epoch, frame)
+        for kept, offset, epoch, frame in sorted(pending, key=lambda item: item[1]):
+            self._accept(channel, mirror, kept, offset, epoch, frame)
 
     # -- reading history -------------------------------------------------------------
 

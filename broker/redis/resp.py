@@ -45,6 +45,8 @@ import trio
 DEFAULT_PORT = 6379
 #: How long connecting (and authenticating) may take.
 CONNECT_TIMEOUT = 5.0
+#: Longest a write may take (it cannot be cancelled: a command cut short would corrupt the stream).
+WRITE_TIMEOUT = 5.0
 #: Most bytes read from the socket at once.
 _READ_SIZE = 256 * 1024
 
@@ -183,6 +185,7 @@ class RedisConnection:
         self._waiting: deque[_Waiter] = deque()
         self._broken: RedisUnavailable | None = None
         self.lost = trio.Event()  #: set when the connection ends, for whatever reason
+        self.on_break: Callable[[], None] | None = None  #: called (synchronously) when it ends
 
     @property
     def broken(self) -> bool:
@@ -235,23 +238,34 @@ class RedisConnection:
             raise self._broken
         return waiter.replies
 
-    async def _send(self, data: bytes, waiter: _Waiter) -> None:
+    async def _send(self, data: bytes, waiter: _Waiter | None,
+                    before: Callable[[], None] | None = None) -> None:
+        """Write ``data`` whole, in turn with other writers; ``waiter`` (if any) takes its place
+        in the reply order, and ``before`` runs just before the write (both only if it happens).
+
+        Waiting for the turn may be cancelled (nothing is written); the write itself is not (a
+        command cut short would leave Redis a partial one): it is bounded by :data:`WRITE_TIMEOUT`.
+        """
         if self._broken is not None:
             raise self._broken
         async with self._send_lock:
             if self._broken is not None:
                 raise self._broken
-            self._waiting.append(waiter)
-            try:
-                await self._stream.send_all(data)
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                error = RedisUnavailable(f"writing to Redis at {self.address} failed: {exc!r}")
+            if waiter is not None:
+                self._waiting.append(waiter)
+            if before is not None:
+                before()
+            error: RedisUnavailable | None = None
+            with trio.CancelScope(shield=True), trio.move_on_after(WRITE_TIMEOUT) as scope:
+                try:
+                    await self._stream.send_all(data)
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    error = RedisUnavailable(f"writing to Redis at {self.address} failed: {exc!r}")
+            if scope.cancelled_caught:
+                error = RedisUnavailable(f"writing to Redis at {self.address} took over {WRITE_TIMEOUT} s")
+            if error is not None:
                 self._break(error)
-                raise error from None
-            except BaseException:
-                # A write cancelled halfway leaves Redis a partial command: the connection is done.
-                self._break(RedisUnavailable(f"a write to Redis at {self.address} was cut short"))
-                raise
+                raise error
 
     async def run_reader(self, handle: Callable[[Reply], None] | None = None) -> None:
         """Read replies and hand each to ``handle`` (by default, to its caller) until the connection ends.
@@ -290,6 +304,8 @@ class RedisConnection:
             self.lost.set()
         while self._waiting:
             self._waiting.popleft().done.set()
+        if self.on_break is not None:
+            self.on_break()
 
     async def aclose(self) -> None:
         self._break(RedisUnavailable(f"the connection to Redis at {self.address} is closed"))
@@ -390,15 +406,19 @@ class PubSub:
     async def _send_and_confirm(self, command: bytes, channels: Sequence[bytes]) -> None:
         if not channels:
             return
-        events = []
-        for channel in channels:
-            event = trio.Event()
-            self._confirm.setdefault(channel, deque()).append(event)
-            events.append(event)
+        events: list[trio.Event] = []
+
+        def expect() -> None:
+            # In the write's turn, so confirmations are expected in the order commands are sent
+            # (a caller cancelled while waiting for its turn leaves no stale expectation).
+            for channel in channels:
+                event = trio.Event()
+                self._confirm.setdefault(channel, deque()).append(event)
+                events.append(event)
+
         connection = self._connection
-        waiter = _Waiter(0)  # replies come as pushes, routed by run_reader below
-        await connection._send(encode_command([command, *channels]), waiter)
-        connection._waiting.remove(waiter)
+        # Replies come as pushes, routed by _on_push; a broken connection wakes every waiter.
+        await connection._send(encode_command([command, *channels]), None, expect)
         for event in events:
             await event.wait()
             if connection._broken is not None:
@@ -441,6 +461,7 @@ async def open_pubsub(address: RedisAddress, on_message: Callable[[bytes, bytes]
     """
     connection = await _connect(address, connect_timeout)
     pubsub = PubSub(connection, on_message)
+    connection.on_break = pubsub._release_waiters
     try:
         async with _reading(connection, pubsub._on_push):
             yield pubsub

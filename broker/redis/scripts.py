@@ -73,9 +73,16 @@ for k = 1, #KEYS, 3 do
   end
   a = a + 4 + n
   if size > 0 then
-    local oldest = math.max(1, top - size + 1)
-    redis.call("XADD", stream, "MINID", string.format("%d-0", oldest), string.format("%d-0", top),
-               "o", string.format("%d", first), "t", ms, "b", table.concat(kept))
+    local minid = string.format("%d-0", math.max(1, top - size + 1))
+    local id, body = string.format("%d-0", top), table.concat(kept)
+    local added = redis.pcall("XADD", stream, "MINID", minid, id, "o", string.format("%d", first), "t", ms,
+                              "b", body)
+    if type(added) == "table" and added.err then
+      -- A stream left from an epoch whose meta hash was lost (evicted, deleted): it is not this
+      -- epoch's history. Start it again rather than fail every channel of this call.
+      redis.call("DEL", stream)
+      redis.call("XADD", stream, "MINID", minid, id, "o", string.format("%d", first), "t", ms, "b", body)
+    end
     if ttl > 0 then redis.call("PEXPIRE", stream, ttl) else redis.call("PERSIST", stream) end
   end
   redis.call("PUBLISH", channel, pack(">I8", first) .. string.char(#epoch) .. epoch .. table.concat(live))
@@ -84,6 +91,18 @@ for k = 1, #KEYS, 3 do
 end
 return result
 """
+# KEYS: meta, stream. ARGV: an epoch for a new stream, meta_ttl (s; 0: none).
+# Gives a channel nobody published on its epoch (a stream left without its meta hash is not
+# this epoch's: it goes). Returns {epoch, top offset or nil}.
+FOLLOW = r"""
+if not redis.call("HGET", KEYS[1], "e") then
+  redis.call("DEL", KEYS[2])
+  redis.call("HSET", KEYS[1], "e", ARGV[1])
+end
+if tonumber(ARGV[2]) > 0 then redis.call("EXPIRE", KEYS[1], ARGV[2]) else redis.call("PERSIST", KEYS[1]) end
+return redis.call("HMGET", KEYS[1], "e", "t")
+"""
+
 PUBLISH_SHA = hashlib.sha1(PUBLISH.encode()).hexdigest()
 
 
