@@ -86,6 +86,10 @@ MAX_QUEUED_BYTES = 16 * 1024 * 1024
 #: It only has to cover what arrives while a new subscriber's last page is read from Redis (a
 #: round trip), so it is small: a channel with subscribers on many nodes costs this on each.
 MIRROR_BYTES = 64 * 1024
+#: How long the epoch of a channel nobody has published on is kept (seconds): subscribing to
+#: names costs Redis a key each for this long. Subscribers still waiting for the first
+#: publication after it are told the stream began again (4105) and subscribe anew.
+UNPUBLISHED_TTL = 60
 #: How long a stream's meta hash outlives its last publication, at least (seconds).
 META_TTL = 24 * 3600
 #: Wait before connecting again after Redis was lost: doubles from the first to the last.
@@ -637,9 +641,9 @@ class RedisEngine:
                 await pubsub.subscribe(self.keys.pubsub(channel))
                 # A channel nobody published on yet gets its epoch now, as the memory engine's
                 # does when it is first subscribed to: every node's subscribers are told the same.
-                meta_ttl = _ttls(self._options(channel))[1]
                 epoch, top = await connection.execute("EVAL", FOLLOW, 2, self.keys.meta(channel),
-                                                      self.keys.stream(channel), new_epoch(), meta_ttl)
+                                                      self.keys.stream(channel), new_epoch(),
+                                                      UNPUBLISHED_TTL)
         except BaseException:
             mirror.follows = False
             raise

@@ -91,15 +91,18 @@ for k = 1, #KEYS, 3 do
 end
 return result
 """
-# KEYS: meta, stream. ARGV: an epoch for a new stream, meta_ttl (s; 0: none).
+# KEYS: meta, stream. ARGV: an epoch for a new stream, how long (s) that epoch is kept while
+# nothing is published in it.
 # Gives a channel nobody published on its epoch (a stream left without its meta hash is not
-# this epoch's: it goes). Returns {epoch, top offset or nil}.
+# this epoch's: it goes), kept only briefly: names nobody publishes on must not pile up in
+# Redis (the first publication keeps it as long as the channel's history). Returns
+# {epoch, top offset or nil}.
 FOLLOW = r"""
 if not redis.call("HGET", KEYS[1], "e") then
   redis.call("DEL", KEYS[2])
   redis.call("HSET", KEYS[1], "e", ARGV[1])
+  redis.call("EXPIRE", KEYS[1], ARGV[2])
 end
-if tonumber(ARGV[2]) > 0 then redis.call("EXPIRE", KEYS[1], ARGV[2]) else redis.call("PERSIST", KEYS[1]) end
 return redis.call("HMGET", KEYS[1], "e", "t")
 """
 

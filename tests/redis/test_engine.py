@@ -242,3 +242,18 @@ async def test_restarted_redis_with_appendonly_keeps_recovery(nursery: trio.Nurs
         assert said[0].recovered and [e.data["token"] for e in events] == ["b", "c"]
     finally:
         server.close()
+
+
+async def test_names_nobody_publishes_on_do_not_pile_up_in_redis(start_node: StartNode,
+                                                                  redis_server: RedisServer) -> None:
+    """Subscribing gives a channel its epoch in Redis, but only for a minute unless something is
+    published: a client subscribing to many names leaves no lasting keys."""
+    node = await start_node()
+    async with connect(ws(node)) as client:
+        for index in range(20):
+            await client.subscribe(f"names/n{index}")
+        await node.emit("names/n0", "e", 1)
+    ttls = [await redis_command(redis_server, "TTL", f"tokenfan:{{names/n{index}}}:meta")
+            for index in range(20)]
+    assert all(0 < ttl <= 60 for ttl in ttls[1:]), ttls  # never published on: a minute
+    assert isinstance(ttls[0], int) and ttls[0] > 3600  # published on: kept as its history is
