@@ -86,9 +86,9 @@ MAX_QUEUED_BYTES = 16 * 1024 * 1024
 #: It only has to cover what arrives while a new subscriber's last page is read from Redis (a
 #: round trip), so it is small: a channel with subscribers on many nodes costs this on each.
 MIRROR_BYTES = 64 * 1024
-#: How long the epoch of a channel nobody has published on is kept (seconds): subscribing to
-#: names costs Redis a key each for this long. Subscribers still waiting for the first
-#: publication after it are told the stream began again (4105) and subscribe anew.
+#: How long the epoch of a channel nobody has published on is kept after its last subscriber
+#: leaves (seconds; nodes renew it while they follow the channel): subscribing to names nobody
+#: publishes on costs Redis a key each for about this long.
 UNPUBLISHED_TTL = 60
 #: How long a stream's meta hash outlives its last publication, at least (seconds).
 META_TTL = 24 * 3600
@@ -266,6 +266,7 @@ class RedisEngine:
             self._connection, self._nursery = connection, nursery
             self._connected.set()
             nursery.start_soon(self._publisher, connection)
+            nursery.start_soon(self._keep_unpublished_epochs)
             delay = RECONNECT_BACKOFF[0]
             while True:
                 try:
@@ -292,6 +293,17 @@ class RedisEngine:
                 self.errors += 1
                 await trio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_BACKOFF[1])
+
+    async def _keep_unpublished_epochs(self) -> None:
+        """Keep the epochs of followed channels nobody has published on yet (they expire after
+        :data:`UNPUBLISHED_TTL` otherwise), as the memory engine keeps a subscribed stream's."""
+        while True:
+            await trio.sleep(UNPUBLISHED_TTL / 3)
+            waiting = [channel for channel, mirror in self._mirrors.items() if mirror.top == 0]
+            for start in range(0, len(waiting), 1000):
+                with contextlib.suppress(EngineUnavailable):
+                    await self.pipeline([["EXPIRE", self.keys.meta(channel), UNPUBLISHED_TTL, "GT"]
+                                         for channel in waiting[start:start + 1000]])
 
     @staticmethod
     async def _watch(connection: RedisConnection, pubsub: PubSub) -> None:
