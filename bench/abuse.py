@@ -57,6 +57,7 @@ from typing import Any
 from bench.cswarm import CSwarm, SwarmSpec
 from bench.emitter import HttpEmitter
 from bench.progress import ProgressBar
+from bench.results import report
 from bench.target import BrokerProcess, pin_to, raise_fd_limit, start_target
 from broker.config import parse_size
 
@@ -538,10 +539,7 @@ def main(argv: list[str] | None = None) -> int:
                         rss_ceiling=args.rss_ceiling)
         with ProgressBar(f"abuse/{attack}") as bar:
             result = run(params, bar.update)
-        print(json.dumps(result), flush=True)
-        if args.json:
-            with open(args.json, "a") as f:
-                f.write(json.dumps(result) + "\n")
+        report(result, args.json)
         results.append(result)
     print()
     print(table(results))

@@ -27,7 +27,6 @@ included, and the ``EVALSHA`` calls alone). Bounded: each stream stops at its ``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -40,6 +39,7 @@ from bench import scenarios
 from bench.cswarm import CSwarm, SwarmSpec
 from bench.emitter import HttpEmitter
 from bench.redisproc import RedisServer
+from bench.results import report
 from bench.scenarios import HOST, Params
 from bench.target import BrokerProcess, pin_to, raise_fd_limit, start_target
 from broker.redis.resp import RedisAddress, open_connection
@@ -169,11 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown scenario {', '.join(sorted(unknown))}; known: paced, ai")
     for _ in range(args.repeat):
         for scenario in args.scenarios or ["paced", "ai"]:
-            result = compare(scenario, spread=args.spread)
-            print(json.dumps(result), flush=True)
-            if args.json:
-                with open(args.json, "a") as out:
-                    out.write(json.dumps(result) + "\n")
+            report(compare(scenario, spread=args.spread), args.json)
     return 0
 
 

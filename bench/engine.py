@@ -42,6 +42,7 @@ from typing import Any
 import trio
 
 from bench.redisproc import RedisServer
+from bench.results import report
 from bench.target import pin_to
 from broker.config import ChannelOptions
 from broker.redis.engine import MAX_BATCH, RedisEngine, _Queued
@@ -218,12 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     modes = ["publish", "ingest"] if args.mode == "both" else [args.mode]
     for mode in modes:
-        result = run(mode, args.publications, args.channels, args.token_bytes, args.timeout,
-                     fast=args.fast_publisher and mode == "ingest")
-        print(json.dumps(result), flush=True)
-        if args.json:
-            with open(args.json, "a") as out:
-                out.write(json.dumps(result) + "\n")
+        report(run(mode, args.publications, args.channels, args.token_bytes, args.timeout,
+                   fast=args.fast_publisher and mode == "ingest"), args.json)
     return 0
 
 
