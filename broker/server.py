@@ -24,10 +24,12 @@ for the connections to drain, then cancels whatever is left.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +74,15 @@ CANCEL_COMMAND = b"cancel:"
 _OPTIONS_CACHE_SIZE = 10_000
 
 
+@contextlib.contextmanager
+def _encoding_errors() -> Iterator[None]:
+    """Raise a value msgpack refuses (an int past 64 bits, say) as :class:`EmitError`."""
+    try:
+        yield
+    except p.LocalProtocolError as exc:
+        raise EmitError(f"data cannot be encoded as msgpack: {exc.__cause__ or exc}") from None
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BrokerStatistics:
     """A snapshot of the broker."""
@@ -101,13 +112,12 @@ class Broker:
             self.engine = self.redis = RedisEngine(self.config.redis_url, self.channel_options,
                                                    prefix=self.config.redis_prefix)
         self.hub = Hub(self.engine, batching=self.config.batching)
+        self.backlog = Backlog(self.channel_options)
+        self.ai = AiService(self)
         if self.redis is not None:
             self.redis.deliver = self._delivered
             self.redis.restarted = self._stream_restarted
             self.redis.on_command = self._on_command
-        self.backlog = Backlog(self.channel_options)
-        self.ai = AiService(self)
-        if self.redis is not None:
             self.ai.shared = SharedAnswers(self.redis, self._publish_lost)
         self.connections: set[WsConnection] = set()
         self._by_outbox: dict[Outbox, WsConnection] = {}  # the connection each subscriber outbox is of
@@ -176,13 +186,11 @@ class Broker:
         """
         data, persist, is_cancel = self._prepare(channel, event, data, persist, validate=True)
         redis = self.redis
-        try:
+        with _encoding_errors():
             if redis is None:
                 self.hub.publish(channel, event, data, persist=persist)
             else:
                 redis.publish_nowait(channel, event, data, persist=persist)
-        except p.LocalProtocolError as exc:
-            raise EmitError(f"data cannot be encoded as msgpack: {exc.__cause__ or exc}") from None
         if is_cancel:
             self._cancel_answer(channel)
 
@@ -197,10 +205,8 @@ class Broker:
         if self.redis is not None:
             raise RuntimeError("publish_here is for the memory engine; await publish() on Redis")
         data, persist, is_cancel = self._prepare(channel, event, data, persist, validate=validate)
-        try:
+        with _encoding_errors():
             publication = self.hub.publish(channel, event, data, persist=persist)
-        except p.LocalProtocolError as exc:
-            raise EmitError(f"data cannot be encoded as msgpack: {exc.__cause__ or exc}") from None
         if is_cancel:
             self._cancel_answer(channel)
         return publication
@@ -212,10 +218,8 @@ class Broker:
         if redis is None:
             return self.publish_here(channel, event, data, persist=persist, validate=validate)
         data, persist, is_cancel = self._prepare(channel, event, data, persist, validate=validate)
-        try:
+        with _encoding_errors():
             stored = await redis.publish(channel, event, data, persist=persist)
-        except p.LocalProtocolError as exc:  # a value msgpack refuses, such as an int past 64 bits
-            raise EmitError(f"data cannot be encoded as msgpack: {exc.__cause__ or exc}") from None
         publication = Publication(channel=channel, offset=stored.offset, epoch=stored.epoch)
         if is_cancel:
             # Any watcher (or the app) may stop the answer streaming on an AI chat channel.

@@ -682,27 +682,21 @@ class WsConnection:
             self.reply_urgent(p.Err(id=frame.id, code=p.Code.OVERLOADED,
                                     msg=f"cannot subscribe now ({exc}); retry later"))
             return
+        since, earlier, complete = frame.since, _ReplayPages(), True
         try:
-            since, earlier, complete = frame.since, _ReplayPages(), True
             if since is not None:
                 since, earlier, complete = await self._read_replay(frame.ch, since)
                 if since is not None and broker.redis is not None:
                     # History was read from Redis up to since.o; this node's live stream must have
                     # come that far too before the (synchronous) join adds what came after.
-                    try:
-                        await broker.redis.caught_up(frame.ch, since.o)
-                    except BaseException:
-                        earlier.release()
-                        raise
-            try:
-                if self.outbox.state is OutboxState.OPEN:
-                    self._join(frame, since, earlier, complete, room)
-            finally:
-                earlier.release()
+                    await broker.redis.caught_up(frame.ch, since.o)
+            if self.outbox.state is OutboxState.OPEN:
+                self._join(frame, since, earlier, complete, room)
         except EngineUnavailable as exc:
             self.reply_urgent(p.Err(id=frame.id, code=p.Code.OVERLOADED,
                                     msg=f"cannot read history now ({exc}); retry later"))
         finally:
+            earlier.release()
             broker.unfollow(frame.ch)  # joined, the hub holds the channel now
 
     def _join(self, frame: p.Sub, since: p.Position | None, earlier: _ReplayPages, complete: bool,

@@ -283,9 +283,20 @@ class AiService:
     async def _generate(self, request: ChatRequest, session: _Session, provider: Provider,
                         generation: Generation) -> None:
         shared, claim = self.shared, generation.claim
-        if shared is None or claim is None:
-            await self._answer(request, session, provider, generation)
-            return
+        try:
+            if shared is None or claim is None:
+                await self._answer(request, session, provider, generation)
+            else:
+                await self._answer_shared(request, session, provider, generation, shared, claim)
+        finally:
+            # Last: on Redis, whoever waits for the answer may ask the next question at once, on any
+            # node, so the session's claim is released (and its conversation saved) before this.
+            generation.done.set()
+
+    async def _answer_shared(self, request: ChatRequest, session: _Session, provider: Provider,
+                             generation: Generation, shared: SharedAnswers, claim: str) -> None:
+        """:meth:`_answer` while holding the session's claim in Redis: kept alive meanwhile, then
+        the conversation saved and the claim released."""
         session_id = request.session_id
         try:
             async with trio.open_nursery() as nursery:
@@ -366,7 +377,6 @@ class AiService:
             session.last_used = trio.current_time()
             generation.result = ChatResult(channel=channel, tokens=len(pieces),
                                            reason="error" if error is not None else reason, error=error)
-            generation.done.set()
 
     async def _stream_rolled_up(self, stream: AsyncGenerator[str, None], channel: str, pieces: list[str],
                                 window: float) -> None:
