@@ -574,7 +574,7 @@ class Broker:
         return {"kind": "redis", "url": str(redis.address), "connected": redis.connected,
                 "following": redis.statistics().streams, "published": redis.published,
                 "received": redis.received, "round_trips": redis.round_trips,
-                "gaps_filled": redis.gaps_filled, "errors": redis.errors,
+                "gaps_filled": redis.gaps_filled, "errors": redis.errors, "lost": redis.lost,
                 "answers_lost": 0 if shared is None else shared.lost_published}
 
 

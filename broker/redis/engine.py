@@ -213,6 +213,7 @@ class RedisEngine:
         self.published = 0
         self.received = 0
         self.gaps_filled = 0
+        self.lost = 0  #: publications made without waiting (emit_nowait) that Redis never took
         self.round_trips = 0
         self.errors = 0
 
@@ -437,7 +438,7 @@ class RedisEngine:
         if len(self._queue) == 1:
             self._queue_lot.unpark_all()
 
-    def _fail_queued(self, error: BaseException) -> None:
+    def _fail_queued(self, error: Exception) -> None:
         queue, self._queue = self._queue, []
         self._queued_bytes = 0
         self._room_lot.unpark_all()
@@ -445,8 +446,15 @@ class RedisEngine:
             item.result = error
             if item.done is not None:
                 item.done.set()
-            else:
-                log.warning("a publication on %s was lost: %s", item.channel, error)
+        self._count_lost(queue, error)
+
+    def _count_lost(self, items: list[_Queued], error: Exception) -> None:
+        """Count (and log, in one line) the publications nobody waited for that were lost."""
+        lost = [item for item in items if item.done is None and isinstance(item.result, BaseException)]
+        if lost:
+            self.lost += len(lost)
+            log.warning("%d publication(s) made without waiting were lost (the first on %s): %s",
+                        len(lost), lost[0].channel, error)
 
     async def _publisher(self, connection: RedisConnection) -> None:
         """Send what is queued: one script call per flush (channels grouped, in queue order), with
@@ -495,11 +503,13 @@ class RedisEngine:
 
     def _lost(self, batch: list[_Queued]) -> None:
         """Lost with the connection (or cancelled): these may or may not have been published."""
-        for item in batch:
-            if item.result is None:
-                item.result = EngineUnavailable(f"Redis at {self.address} was lost while publishing")
-                if item.done is not None:
-                    item.done.set()
+        error = EngineUnavailable(f"Redis at {self.address} was lost while publishing")
+        unsettled = [item for item in batch if item.result is None]
+        for item in unsettled:
+            item.result = error
+            if item.done is not None:
+                item.done.set()
+        self._count_lost(unsettled, error)
 
     def _take_batch(self) -> list[_Queued]:
         queue, size, count = self._queue, 0, 0
@@ -527,8 +537,8 @@ class RedisEngine:
             item.result = result
             if item.done is not None:
                 item.done.set()
-            elif isinstance(result, BaseException):
-                log.warning("a publication on %s was lost: %s", item.channel, result)
+        if isinstance(reply, RedisError):
+            self._count_lost(items, reply)
 
     # -- other commands ---------------------------------------------------------------
 
