@@ -61,6 +61,7 @@ from broker.redis.resp import (
 )
 from broker.redis.scripts import (
     FOLLOW,
+    FOLLOW_SHA,
     OFFSET_PLACEHOLDER,
     PUBLISH,
     PUBLISH_SHA,
@@ -98,6 +99,8 @@ RECONNECT_BACKOFF = (0.05, 2.0)
 RECONNECT_WAIT = 1.0
 #: Least time between two warnings that Redis is away.
 WARN_EVERY = 30.0
+#: Channels followed again in one batch after the pub/sub connection was reopened.
+FOLLOW_BATCH = 512
 #: Channels whose encoded keys and options are kept (the cache is emptied when it fills).
 _PARTS_CACHE = 10_000
 #: Stream entries (batches) read by one XRANGE.
@@ -199,6 +202,7 @@ class RedisEngine:
         self._mirrors: dict[str, Mirror] = {}
         self._queue: list[_Queued] = []
         self._parts: dict[str, tuple[bytes, bytes]] = {}  # channel -> its encoded keys and options
+        self._scripts_lost = False  # Redis answered NOSCRIPT: load them again before the next flush
         self._queued_bytes = 0
         self._queue_lot = trio.lowlevel.ParkingLot()
         self._room_lot = trio.lowlevel.ParkingLot()
@@ -263,7 +267,7 @@ class RedisEngine:
         """
         self._connected_once = False
         async with open_connection(self.address) as connection, trio.open_nursery() as nursery:
-            await connection.execute("SCRIPT", "LOAD", PUBLISH)
+            await self._load_scripts(connection)
             self._connection, self._nursery = connection, nursery
             self._connected.set()
             nursery.start_soon(self._publisher, connection)
@@ -295,6 +299,13 @@ class RedisEngine:
                 await trio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_BACKOFF[1])
 
+    async def _load_scripts(self, connection: RedisConnection) -> None:
+        """Load the scripts (on connecting, and again if Redis forgot them: SCRIPT FLUSH)."""
+        self._scripts_lost = False
+        for reply in await connection.pipeline([["SCRIPT", "LOAD", PUBLISH], ["SCRIPT", "LOAD", FOLLOW]]):
+            if isinstance(reply, RedisError):
+                raise reply
+
     async def _keep_unpublished_epochs(self) -> None:
         """Keep the epochs of followed channels nobody has published on yet (they expire after
         :data:`UNPUBLISHED_TTL` otherwise), as the memory engine keeps a subscribed stream's."""
@@ -319,10 +330,12 @@ class RedisEngine:
         raise RedisUnavailable("a connection to Redis was lost")
 
     async def _follow_again(self) -> None:
-        """After connecting: follow every channel that has holders, filling what was missed."""
-        for channel, mirror in list(self._mirrors.items()):
-            if mirror.holds > 0:
-                await self._follow(channel, mirror)
+        """After connecting: follow every channel that has holders, filling what was missed, in
+        batches of :data:`FOLLOW_BATCH` (one SUBSCRIBE and one pipelined write each)."""
+        waiting = [(channel, mirror) for channel, mirror in self._mirrors.items()
+                   if mirror.holds > 0 and not mirror.follows]
+        for start in range(0, len(waiting), FOLLOW_BATCH):
+            await self._follow_batch(waiting[start:start + FOLLOW_BATCH])
 
     # -- publishing ------------------------------------------------------------------
 
@@ -471,6 +484,8 @@ class RedisEngine:
                 if wait > 0 and len(self._queue) < MAX_BATCH:
                     await trio.sleep(wait)
                 await in_flight.acquire()
+                if self._scripts_lost:
+                    await self._load_scripts(connection)
                 last_flush = trio.current_time()
                 batch = self._take_batch()
                 groups: dict[str, list[_Queued]] = {}
@@ -526,6 +541,7 @@ class RedisEngine:
         """Tell each of ``items`` its offset (the script's reply: epoch and top), or the error."""
         if isinstance(reply, RedisError):
             self.errors += 1
+            self._scripts_lost = self._scripts_lost or str(reply).startswith("NOSCRIPT")
             results: list[tuple[str, int] | BaseException] = [
                 EngineUnavailable(f"Redis refused a publication: {reply}")] * len(items)
         else:
@@ -651,36 +667,49 @@ class RedisEngine:
 
     async def _follow(self, channel: str, mirror: Mirror) -> None:
         """Subscribe, then read the top: every later publication reaches the mirror."""
+        if not mirror.follows:
+            await self._follow_batch([(channel, mirror)])
+
+    async def _follow_batch(self, batch: list[tuple[str, Mirror]]) -> None:
+        """Subscribe to the channels, then read their tops: every later publication reaches them."""
         pubsub, connection = self._pubsub, self._connection
         if pubsub is None or connection is None:
             raise RedisUnavailable(f"Redis at {self.address} is unavailable")
-        if mirror.follows:
-            return
-        mirror.follows = True  # messages from now on are held until the top is known
-        was_ready = mirror.ready.is_set()
+        readiness = [mirror.ready.is_set() for _channel, mirror in batch]
+        for _channel, mirror in batch:
+            mirror.follows = True  # messages from now on are held until the top is known
+        keys = self.keys
         try:
             with trio.fail_after(COMMAND_TIMEOUT):
-                await pubsub.subscribe(self.keys.pubsub(channel))
+                await pubsub.subscribe(*(keys.pubsub(channel) for channel, _mirror in batch))
                 # A channel nobody published on yet gets its epoch now, as the memory engine's
                 # does when it is first subscribed to: every node's subscribers are told the same.
-                epoch, top = await connection.execute("EVAL", FOLLOW, 2, self.keys.meta(channel),
-                                                      self.keys.stream(channel), new_epoch(),
-                                                      UNPUBLISHED_TTL)
+                replies = await connection.pipeline([
+                    ["EVALSHA", FOLLOW_SHA, 2, keys.meta(channel), keys.stream(channel), new_epoch(),
+                     UNPUBLISHED_TTL] for channel, _mirror in batch])
+            for reply in replies:
+                if isinstance(reply, RedisError):
+                    raise reply
         except BaseException:
-            mirror.follows = False
+            for _channel, mirror in batch:
+                mirror.follows = False
             raise
-        epoch_text, top_number = (epoch or b"").decode(), int(top or 0)
+        for (channel, mirror), was_ready, (epoch, top) in zip(batch, readiness, replies, strict=True):
+            self._followed(channel, mirror, was_ready, (epoch or b"").decode(), int(top or 0))
+
+    def _followed(self, channel: str, mirror: Mirror, was_ready: bool, epoch: str, top: int) -> None:
+        """The node follows ``channel`` now and knows its epoch and top: catch the mirror up."""
         if not was_ready:
             pending, mirror.pending = mirror.pending, []  # what came while the top was being read
-            mirror.restart(epoch_text, top_number)
+            mirror.restart(epoch, top)
             mirror.ready.set()
             for kept, offset, message_epoch, frame in pending:
                 self._accept(channel, mirror, kept, offset, message_epoch, frame)
-        elif epoch_text != mirror.epoch:
-            mirror.restart(epoch_text, top_number)  # Redis lost the stream while we were away
+        elif epoch != mirror.epoch:
+            mirror.restart(epoch, top)  # Redis lost the stream while we were away
             self.restarted(channel)
-        elif top_number > mirror.top:
-            self._fill_gap(channel, mirror, top_number + 1)
+        elif top > mirror.top:
+            self._fill_gap(channel, mirror, top + 1)
 
     # -- receiving ---------------------------------------------------------------------
 

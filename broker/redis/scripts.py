@@ -107,6 +107,7 @@ return redis.call("HMGET", KEYS[1], "e", "t")
 """
 
 PUBLISH_SHA = hashlib.sha1(PUBLISH.encode()).hexdigest()
+FOLLOW_SHA = hashlib.sha1(FOLLOW.encode()).hexdigest()
 
 
 class Keys:

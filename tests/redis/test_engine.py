@@ -12,7 +12,7 @@ import trio.lowlevel
 
 import protocol as p
 from bench.redisproc import RedisServer
-from broker import Broker, Config, ConfigError, EngineUnavailable
+from broker import Broker, ChannelOptions, Config, ConfigError, EngineUnavailable
 from broker.client import StreamLost, Subscribed, connect
 from tests.broker.conftest import ONE_ADDRESS_MANY_CLIENTS
 from tests.redis.nodes import StartNode, post, take, ws
@@ -257,3 +257,31 @@ async def test_names_nobody_publishes_on_do_not_pile_up_in_redis(start_node: Sta
             for index in range(20)]
     assert all(0 < ttl <= 60 for ttl in ttls[1:]), ttls  # never published on: a minute
     assert isinstance(ttls[0], int) and ttls[0] > 3600  # published on: kept as its history is
+
+
+async def test_many_channels_are_followed_again_after_a_cut(start_node: StartNode,
+                                                            redis_server: RedisServer) -> None:
+    """600 followed channels (more than one batch) are followed again after Redis cuts the node's
+    pub/sub connection; what was published on each meanwhile is read back from its stream."""
+    kept = {"channels": {"many/*": ChannelOptions(history_size=10)}}
+    watching, emitting = await start_node(**kept), await start_node(**kept)
+    channels = [f"many/c{index}" for index in range(600)]
+    async with connect(ws(watching)) as a, connect(ws(watching)) as b, connect(ws(watching)) as c:
+        subs = [await (a, b, c)[index // 200].subscribe(channel) for index, channel in enumerate(channels)]
+        await redis_command(redis_server, "CLIENT", "KILL", "TYPE", "pubsub")
+        for channel in channels:  # while the node follows them all again
+            emitting.emit_nowait(channel, "e", channel)
+        await emitting.emit(channels[-1], "e", "last")
+        for sub, channel in zip(subs, channels, strict=True):
+            [event] = await take(sub, 1)
+            assert event.data == channel
+
+
+async def test_scripts_forgotten_by_redis_are_loaded_again(start_node: StartNode,
+                                                           redis_server: RedisServer) -> None:
+    node = await start_node()
+    await node.emit("ai-chat/s", "e", 1)
+    await redis_command(redis_server, "SCRIPT", "FLUSH")
+    with pytest.raises(EngineUnavailable, match="NOSCRIPT"):
+        await node.emit("ai-chat/s", "e", 2)  # this one is refused, and the scripts reloaded
+    assert (await node.emit("ai-chat/s", "e", 3)).offset == 2
