@@ -109,6 +109,10 @@ _READ_ENTRIES = 64
 COMMAND_TIMEOUT = 5.0
 
 
+#: A publication read from a stream: offset, kept in history, frame (empty if not kept), Redis ms.
+Publication = tuple[int, bool, bytes, int]
+
+
 @dataclass(slots=True)
 class _Queued:
     """A publication waiting to be sent: its frame (offset a placeholder), and who waits for it."""
@@ -797,21 +801,34 @@ class RedisEngine:
 
     # -- reading history -------------------------------------------------------------
 
+    @staticmethod
+    async def _page(connection: RedisConnection, stream_key: bytes, cursor: str, end: str, *,
+                    reverse: bool = False) -> tuple[list[Publication], str | None]:
+        """One page of a stream (:data:`_READ_ENTRIES` entries, each a batch) from ``cursor`` to
+        ``end``, newest first if ``reverse``: its publications in the order read, and the cursor of
+        the next page (None when this one was the last)."""
+        with trio.fail_after(COMMAND_TIMEOUT):
+            reply = await connection.execute("XREVRANGE" if reverse else "XRANGE", stream_key, cursor, end,
+                                              "COUNT", _READ_ENTRIES)
+        publications: list[Publication] = []
+        for entry in reply:
+            batch = _batch(entry)
+            publications.extend(reversed(batch) if reverse else batch)
+        more = len(reply) == _READ_ENTRIES
+        return publications, f"({_entry_offset(reply[-1][0])}-0" if more else None
+
     async def _entries(self, connection: RedisConnection, channel: str, *, after: int,
-                       last: int) -> list[tuple[int, bool, bytes, int]]:
-        """The kept publications in ``(after, last]`` still in the stream: (offset, kept, frame, ms)."""
-        out: list[tuple[int, bool, bytes, int]] = []
-        start = f"({after}-0"  # an entry's id is its last offset: the first holding ``after + 1``
-        while after < last:
-            with trio.fail_after(COMMAND_TIMEOUT):
-                reply = await connection.execute("XRANGE", self.keys.stream(channel), start, "+", "COUNT", 64)
-            for entry in reply:
-                for offset, kept, frame, time_ms in _batch(entry):
-                    if after < offset <= last:
-                        out.append((offset, kept, frame, time_ms))
-            if len(reply) < 64 or _entry_offset(reply[-1][0]) >= last:
+                       last: int) -> list[Publication]:
+        """The publications in ``(after, last]`` still in the stream: (offset, kept, frame, ms)."""
+        out: list[Publication] = []
+        # An entry's id is its last offset: the first holding ``after + 1`` is the first after ``after``.
+        cursor: str | None = f"({after}-0"
+        while cursor is not None and after < last:
+            # To the end ("+"): the entry holding ``last`` may also hold later ones, so its id is past it.
+            page, cursor = await self._page(connection, self.keys.stream(channel), cursor, "+")
+            out.extend(publication for publication in page if after < publication[0] <= last)
+            if page and page[-1][0] >= last:
                 break
-            start = f"({_entry_offset(reply[-1][0])}-0"
         return out
 
     async def read(self, channel: str, *, after: int, epoch: str | None, limit: int, max_bytes: int,
@@ -860,29 +877,21 @@ class RedisEngine:
                                            limit, max_bytes)
         frames: list[bytes] = []
         size, covered, more = 0, start, False
-        cursor = f"({start}-0"
-        while covered < top and not more:
-            with trio.fail_after(COMMAND_TIMEOUT):
-                reply = await connection.execute("XRANGE", stream_key, cursor, f"{top}-0",
-                                                  "COUNT", _READ_ENTRIES)
-            if not reply:
-                break
-            for entry in reply:
-                for offset, kept, frame, time_ms in _batch(entry):
-                    if offset <= covered:
-                        continue
-                    if time_ms < cutoff:
-                        recovered = False  # expired: as good as trimmed
-                    elif kept:
-                        if frames and (len(frames) >= limit or size + len(frame) > max_bytes):
-                            more = True
-                            break
-                        frames.append(frame)
-                        size += len(frame)
-                    covered = offset
-                if more:
-                    break
-            cursor = f"({_entry_offset(reply[-1][0])}-0"
+        cursor: str | None = f"({start}-0"
+        while cursor is not None and covered < top and not more:
+            page, cursor = await self._page(connection, stream_key, cursor, f"{top}-0")
+            for offset, kept, frame, time_ms in page:
+                if offset <= covered:
+                    continue
+                if time_ms < cutoff:
+                    recovered = False  # expired: as good as trimmed
+                elif kept:
+                    if frames and (len(frames) >= limit or size + len(frame) > max_bytes):
+                        more = True
+                        break
+                    frames.append(frame)
+                    size += len(frame)
+                covered = offset
         return Replay(epoch=current, top=top, after=start, last=covered if more else top,
                       recovered=recovered, more=more, frames=frames)
 
@@ -891,28 +900,20 @@ class RedisEngine:
         """The newest kept publications after ``start`` that fit (a catch-up)."""
         frames: list[bytes] = []
         size, taken, full = 0, top, False
-        cursor = "+"
-        while taken > start and not full:
-            with trio.fail_after(COMMAND_TIMEOUT):
-                reply = await connection.execute("XREVRANGE", stream_key, cursor, f"({start}-0",
-                                                  "COUNT", _READ_ENTRIES)
-            if not reply:
-                break
-            for entry in reply:
-                for offset, kept, frame, time_ms in reversed(list(_batch(entry))):
-                    if offset <= start or offset > taken:
-                        continue
-                    if time_ms < cutoff or (kept and frames and (
-                            len(frames) >= limit or size + len(frame) > max_bytes)):
-                        full = True
-                        break
-                    if kept:
-                        frames.append(frame)
-                        size += len(frame)
-                    taken = offset - 1
-                if full:
+        cursor: str | None = "+"
+        while cursor is not None and taken > start and not full:
+            page, cursor = await self._page(connection, stream_key, cursor, f"({start}-0", reverse=True)
+            for offset, kept, frame, time_ms in page:  # newest first
+                if offset <= start or offset > taken:
+                    continue
+                if time_ms < cutoff or (kept and frames and (
+                        len(frames) >= limit or size + len(frame) > max_bytes)):
+                    full = True
                     break
-            cursor = f"({_entry_offset(reply[-1][0])}-0"
+                if kept:
+                    frames.append(frame)
+                    size += len(frame)
+                taken = offset - 1
         frames.reverse()
         if taken > start:  # some were left out: the answer is the newest, not everything
             return Replay(epoch=epoch, top=top, after=taken, last=top, recovered=False, more=False,
@@ -990,7 +991,7 @@ def _batch_first(entry: list[Any]) -> int:
     return int(_fields(entry)[b"o"])
 
 
-def _batch(entry: list[Any]) -> list[tuple[int, bool, bytes, int]]:
+def _batch(entry: list[Any]) -> list[Publication]:
     """(offset, kept, frame, time in ms) of each publication of a stream entry's batch."""
     fields = _fields(entry)
     time_ms = int(fields[b"t"])
